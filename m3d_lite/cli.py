@@ -1,0 +1,176 @@
+"""The ``m3d-lite`` command: data, course (and, in later stages, train, bench, infer).
+
+Every subcommand is a thin shell over a function of the package, so a notebook and the
+command line run the same code. Imports are done inside the handlers to keep ``--help`` fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from m3d_lite.config import SCALES
+
+
+def _window(values: list[str] | None) -> str | tuple[float, float] | None:
+    """``--window`` takes a name from preprocess.WINDOWS or two numbers LO HI (HU)."""
+    if not values:
+        return None
+    if len(values) == 2:
+        try:
+            return float(values[0]), float(values[1])
+        except ValueError:
+            pass
+    name = " ".join(values)
+    from m3d_lite.data.preprocess import WINDOWS
+
+    if name in WINDOWS:
+        return name
+    raise SystemExit(f"--window: expected two numbers LO HI or one of {sorted(WINDOWS)}, got {values}")
+
+
+def _parameters(pairs: list[list[str]] | None) -> dict[str, Any]:
+    from m3d_lite.course.run import parse_parameter
+
+    return {name: parse_parameter(value) for name, value in pairs or []}
+
+
+def cmd_data_phantom(args: argparse.Namespace) -> int:
+    from m3d_lite.config import DataConfig
+    from m3d_lite.data.phantom_dataset import write_phantom_dataset
+
+    cfg = DataConfig.from_scale(args.scale, num_volumes=args.num_volumes, seed=args.seed)
+    summary = write_phantom_dataset(args.out, num_volumes=cfg.num_volumes, scale=args.scale, seed=cfg.seed)
+    print(summary)
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from m3d_lite.config import DataConfig
+    from m3d_lite.data.preprocess import prepare_file
+    from m3d_lite.io import save_npy
+    from m3d_lite.viz import montage, save_figure
+
+    shape = tuple(args.shape) if args.shape else DataConfig.from_scale(args.scale).image_shape
+    prepared, volume = prepare_file(args.input, shape, window=_window(args.window))
+    stem = Path(args.input).name.removesuffix(".gz").removesuffix(".nii").removesuffix(".npy")
+    stem = stem.removesuffix(".dcm") or "volume"
+    out = Path(args.out)
+    npy = save_npy(out / f"{stem}.npy", prepared.image)
+    png = out / f"{stem}.png"
+    save_figure(montage(prepared.image, title=f"{args.input} -> {prepared.image.shape}"), png)
+    print(f"{args.input}: {volume.array.shape} at {volume.spacing} mm -> {npy} {prepared.image.shape}")
+    print(f"preview: {png}")
+    return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from m3d_lite.data.formats import validate_dataset
+
+    report = validate_dataset(args.root)
+    for name, count in sorted(report.counts.items()):
+        print(f"{name:>28}: {count}")
+    if report.problems:
+        print(f"\n{len(report.problems)} problem(s) in {args.root}:", file=sys.stderr)
+        for problem in report.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(f"{args.root}: OK")
+    return 0
+
+
+def cmd_course_run(args: argparse.Namespace) -> int:
+    from m3d_lite.course.run import run_notebook
+
+    run = run_notebook(Path(args.notebook), Path(args.out), _parameters(args.parameter), timeout=args.timeout)
+    print(f"{run.source} -> {run.output} in {run.seconds:.1f} s")
+    return 0
+
+
+def cmd_course_run_all(args: argparse.Namespace) -> int:
+    from m3d_lite.course.run import run_all
+
+    runs = run_all(Path(args.notebooks), Path(args.out), _parameters(args.parameter), timeout=args.timeout)
+    return 1 if any(run.error for run in runs) else 0
+
+
+def cmd_course_make_student(args: argparse.Namespace) -> int:
+    from m3d_lite.course.make_student import make_student
+
+    changed = make_student(Path(args.solutions), Path(args.notebooks), check=args.check)
+    if args.check and changed:
+        names = ", ".join(str(p) for p in changed)
+        print(f"notebooks/ is out of date with solutions/: {names}\nrun `m3d-lite course make-student`")
+        return 1
+    print(f"wrote {len(changed)} notebook(s)" if changed else "notebooks/ is up to date")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``m3d-lite`` (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="m3d-lite", description=__doc__.splitlines()[0])
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    data = groups.add_parser("data", help="make, prepare and validate M3D-format data").add_subparsers(
+        dest="command", required=True
+    )
+    p = data.add_parser("phantom", help="write the synthetic M3D-Phantom dataset in the M3D formats")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--num-volumes", type=int, default=None, help="default: the scale's preset")
+    p.add_argument("--scale", choices=SCALES, default="ci")
+    p.add_argument("--seed", type=int, default=None, help="default: the scale's preset")
+    p.set_defaults(func=cmd_data_phantom)
+
+    p = data.add_parser("prepare", help="NIfTI/DICOM/npy file or DICOM folder -> prepared .npy + preview PNG")
+    p.add_argument("input", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--scale", choices=SCALES, default="ci")
+    size.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"))
+    p.add_argument("--window", nargs="+", metavar="LO HI | NAME", help="HU window, e.g. -160 240 or 'bone'")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data.add_parser("validate", help="check an M3D-format dataset folder; non-zero exit lists problems")
+    p.add_argument("root", type=Path)
+    p.set_defaults(func=cmd_data_validate)
+
+    course = groups.add_parser("course", help="run, generate and grade the course notebooks").add_subparsers(
+        dest="command", required=True
+    )
+    p = course.add_parser("run", help="execute one notebook (jupytext .py or .ipynb) with papermill")
+    p.add_argument("notebook", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    p.add_argument("--timeout", type=float, default=None, help="seconds per cell")
+    p.set_defaults(func=cmd_course_run)
+
+    p = course.add_parser("run-all", help="execute every NN_*.py notebook of a folder into --out")
+    p.add_argument("--notebooks", type=Path, default=Path("notebooks"))
+    p.add_argument("--out", type=Path, default=Path("runs"))
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    p.add_argument("--timeout", type=float, default=None, help="seconds per cell")
+    p.set_defaults(func=cmd_course_run_all)
+
+    p = course.add_parser("make-student", help="write notebooks/ from solutions/ (--check: fail on drift)")
+    p.add_argument("--solutions", type=Path, default=Path("solutions"))
+    p.add_argument("--notebooks", type=Path, default=Path("notebooks"))
+    p.add_argument("--check", action="store_true")
+    p.set_defaults(func=cmd_course_make_student)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``m3d-lite`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        print(f"m3d-lite: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

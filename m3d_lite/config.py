@@ -1,0 +1,62 @@
+"""Scale presets (ci, small, paper) as YAML, loaded into dataclasses with checked overrides.
+
+A preset file ``configs/<scale>.yaml`` has one section per part of the system (``data`` now; the
+model and training stages add theirs). Any value can be overridden from a notebook's parameters
+cell or the CLI; an unknown key is an error that lists the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import yaml
+
+SCALES = ("ci", "small", "paper")
+
+T = TypeVar("T")
+
+
+def load_preset(scale: str) -> dict[str, Any]:
+    """Return the raw preset dict for ``scale`` (one of :data:`SCALES`)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}: expected one of {', '.join(SCALES)}")
+    text = resources.files("m3d_lite.configs").joinpath(f"{scale}.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def build_config(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """Build dataclass ``cls`` from ``values``, naming ``where`` and the known keys on an unknown key."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise KeyError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**converted)
+
+
+def section_config(cls: type[T], scale: str, section: str, **overrides: Any) -> T:
+    """Build ``cls`` from section ``section`` of preset ``scale``, with ``overrides`` applied on top."""
+    preset = load_preset(scale)
+    if section not in preset:
+        raise KeyError(f"preset {scale!r} has no section {section!r}; it has {sorted(preset)}")
+    values = {**preset[section], **{k: v for k, v in overrides.items() if v is not None}}
+    return build_config(cls, values, where=f"preset {scale!r} section {section!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Shapes and sizes of the data at one scale."""
+
+    image_shape: tuple[int, int, int]
+    raw_shape: tuple[int, int, int]
+    raw_spacing: tuple[float, float, float]
+    num_volumes: int
+    seed: int = 0
+
+    @classmethod
+    def from_scale(cls, scale: str, **overrides: Any) -> DataConfig:
+        """The ``data`` section of preset ``scale`` with ``overrides`` (None values are ignored)."""
+        return section_config(cls, scale, "data", **overrides)

@@ -1,0 +1,133 @@
+"""Execute course notebooks (jupytext `.py` or `.ipynb`) with papermill and time them.
+
+papermill injects the parameters (`SCALE`, `OUTPUT_DIR`, `STRICT_CHECKS`, ...) after the cell tagged
+`parameters` and saves the executed notebook, outputs and all, after every cell; its command line cannot
+read jupytext files, so this module converts them with jupytext and calls papermill from Python.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jupytext
+import nbformat
+import papermill
+from papermill.exceptions import PapermillExecutionError
+
+from m3d_lite.io import save_text
+
+
+@dataclass
+class NotebookRun:
+    """One executed notebook: where it came from, where the executed copy is, how long it took."""
+
+    source: Path
+    output: Path
+    seconds: float
+    error: str | None  # None on success, else "ExceptionClass: message"
+
+
+def parse_parameter(value: str) -> Any:
+    """Turn a command-line parameter into a Python value the way papermill's `-p` does.
+
+    "12" -> 12, "0.5" -> 0.5, "True"/"true" -> True, "False"/"false" -> False, "None"/"null" -> None;
+    anything else stays a string.
+    """
+    constants = {"True": True, "true": True, "False": False, "false": False, "None": None, "null": None}
+    if value in constants:
+        return constants[value]
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _describe(exc: Exception) -> str:
+    """One line for a gradebook or a summary table: the exception, and for notebook errors the cell."""
+    if isinstance(exc, PapermillExecutionError):
+        return f"PapermillExecutionError: {exc.ename}: {exc.evalue} (cell In [{exc.exec_count}])"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_notebook(
+    notebook: Path,
+    output: Path,
+    parameters: dict[str, Any] | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+    kernel_name: str = "python3",
+    raise_on_error: bool = True,
+) -> NotebookRun:
+    """Execute `notebook` with `parameters` and write the executed `.ipynb` to `output`.
+
+    `cwd` defaults to the notebook's own folder, as in JupyterLab; `timeout` is per cell, in seconds.
+    With `raise_on_error=False` a failure is recorded in `NotebookRun.error` instead of raised; the
+    executed notebook, outputs up to the failing cell included, is written either way.
+    """
+    notebook, output = Path(notebook), Path(output)
+    if not notebook.is_file():
+        raise FileNotFoundError(f"notebook not found: {notebook.resolve()}")
+    nb = jupytext.read(notebook)
+    # jupytext files often carry no kernelspec, and papermill needs the language to write the parameters
+    nb.metadata.setdefault("kernelspec", {"name": kernel_name, "display_name": kernel_name, "language": "python"})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    error = None
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            nb,
+            str(output),
+            parameters=parameters or {},
+            cwd=str(cwd or notebook.parent),
+            kernel_name=kernel_name,
+            execution_timeout=timeout,
+            progress_bar=False,
+            log_output=False,
+        )
+    except Exception as exc:
+        if raise_on_error:
+            raise
+        error = _describe(exc)
+    finally:
+        seconds = time.perf_counter() - start
+        if output.is_file():
+            # papermill records the whole input notebook when given one in memory; keep just its path
+            executed = nbformat.read(output, as_version=4)
+            executed.metadata.papermill.input_path = str(notebook)
+            save_text(output, nbformat.writes(executed))
+    return NotebookRun(source=notebook, output=output, seconds=seconds, error=error)
+
+
+def run_all(
+    notebooks_dir: Path,
+    out_dir: Path,
+    parameters: dict | None = None,
+    pattern: str = "[0-9][0-9]_*.py",
+    timeout: float | None = None,
+) -> list[NotebookRun]:
+    """Run every notebook matching `pattern` in order, to `out_dir/<stem>.ipynb`, and print a summary.
+
+    Each notebook gets `OUTPUT_DIR=out_dir/<stem>` unless `parameters` sets it. A failure does not stop
+    the others, so one run reports every broken notebook; check `run.error` for each.
+    """
+    notebooks_dir, out_dir = Path(notebooks_dir), Path(out_dir)
+    notebooks = sorted(notebooks_dir.glob(pattern))
+    if not notebooks:
+        raise FileNotFoundError(f"no notebook matches {notebooks_dir.resolve() / pattern}")
+    runs = []
+    for i, notebook in enumerate(notebooks, start=1):
+        print(f"[{i}/{len(notebooks)}] {notebook}", flush=True)
+        notebook_parameters = {"OUTPUT_DIR": str(out_dir / notebook.stem), **(parameters or {})}
+        output = out_dir / f"{notebook.stem}.ipynb"
+        runs.append(run_notebook(notebook, output, notebook_parameters, timeout=timeout, raise_on_error=False))
+    width = max(len(run.source.name) for run in runs)
+    print(f"\n{'notebook':<{width}}  {'seconds':>8}  result")
+    for run in runs:
+        result = "ok" if run.error is None else f"error: {run.error}"[:100]
+        print(f"{run.source.name:<{width}}  {run.seconds:8.1f}  {result}")
+    return runs
