@@ -33,9 +33,15 @@ def _window(values: list[str] | None) -> str | tuple[float, float] | None:
 
 
 def _parameters(pairs: list[list[str]] | None) -> dict[str, Any]:
+    """``-p NAME VALUE`` pairs, typed like papermill's; ``*_DIR`` paths made absolute, since a
+    notebook runs in its own folder."""
     from m3d_lite.course.run import parse_parameter
 
-    return {name: parse_parameter(value) for name, value in pairs or []}
+    parameters = {name: parse_parameter(value) for name, value in pairs or []}
+    for name, value in parameters.items():
+        if name.endswith("_DIR") and isinstance(value, str) and value:
+            parameters[name] = str(Path(value).resolve())
+    return parameters
 
 
 def cmd_data_phantom(args: argparse.Namespace) -> int:

@@ -8,8 +8,10 @@ cell or the CLI; an unknown key is an error that lists the known ones.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -60,3 +62,14 @@ class DataConfig:
     def from_scale(cls, scale: str, **overrides: Any) -> DataConfig:
         """The ``data`` section of preset ``scale`` with ``overrides`` (None values are ignored)."""
         return section_config(cls, scale, "data", **overrides)
+
+
+def default_data_dir(scale: str) -> Path:
+    """Where the phantom dataset of ``scale`` lives unless told otherwise.
+
+    ``$M3D_LITE_DATA_DIR/phantom_<scale>`` when that variable is set (as in MONAI's tutorials),
+    else ``~/.cache/m3d_lite/phantom_<scale>``, so that every notebook finds the same data.
+    """
+    base = os.environ.get("M3D_LITE_DATA_DIR")
+    root = Path(base) if base else Path.home() / ".cache" / "m3d_lite"
+    return root / f"phantom_{scale}"

@@ -51,7 +51,8 @@ def _describe(exc: Exception) -> str:
     """One line for a gradebook or a summary table: the exception, and for notebook errors the cell."""
     if isinstance(exc, PapermillExecutionError):
         return f"PapermillExecutionError: {exc.ename}: {exc.evalue} (cell In [{exc.exec_count}])"
-    return f"{type(exc).__name__}: {exc}"
+    first_line = str(exc).strip().split("\n", 1)[0]  # e.g. nbclient's CellTimeoutError: "A cell timed out..."
+    return f"{type(exc).__name__}: {first_line}"
 
 
 def run_notebook(
@@ -65,17 +66,21 @@ def run_notebook(
 ) -> NotebookRun:
     """Execute `notebook` with `parameters` and write the executed `.ipynb` to `output`.
 
-    `cwd` defaults to the notebook's own folder, as in JupyterLab; `timeout` is per cell, in seconds.
+    `cwd` defaults to the notebook's own folder, as in JupyterLab, so relative paths in parameters are
+    relative to it: pass absolute ones. `timeout` is per cell, in seconds.
     With `raise_on_error=False` a failure is recorded in `NotebookRun.error` instead of raised; the
     executed notebook, outputs up to the failing cell included, is written either way.
     """
-    notebook, output = Path(notebook), Path(output)
+    # absolute, because papermill saves after each cell from inside `cwd`
+    notebook, output = Path(notebook), Path(output).resolve()
     if not notebook.is_file():
         raise FileNotFoundError(f"notebook not found: {notebook.resolve()}")
     nb = jupytext.read(notebook)
     # jupytext files often carry no kernelspec, and papermill needs the language to write the parameters
-    nb.metadata.setdefault("kernelspec", {"name": kernel_name, "display_name": kernel_name, "language": "python"})
+    kernelspec = {"name": kernel_name, "display_name": kernel_name, "language": "python"}
+    nb.metadata.setdefault("kernelspec", kernelspec)
     output.parent.mkdir(parents=True, exist_ok=True)
+    output.unlink(missing_ok=True)  # so a stale copy is never mistaken for this run's
     error = None
     start = time.perf_counter()
     try:
@@ -112,8 +117,8 @@ def run_all(
 ) -> list[NotebookRun]:
     """Run every notebook matching `pattern` in order, to `out_dir/<stem>.ipynb`, and print a summary.
 
-    Each notebook gets `OUTPUT_DIR=out_dir/<stem>` unless `parameters` sets it. A failure does not stop
-    the others, so one run reports every broken notebook; check `run.error` for each.
+    Each notebook gets `OUTPUT_DIR=out_dir/<stem>` (absolute) unless `parameters` sets it. A failure does
+    not stop the others, so one run reports every broken notebook; check `run.error` for each.
     """
     notebooks_dir, out_dir = Path(notebooks_dir), Path(out_dir)
     notebooks = sorted(notebooks_dir.glob(pattern))
@@ -122,9 +127,10 @@ def run_all(
     runs = []
     for i, notebook in enumerate(notebooks, start=1):
         print(f"[{i}/{len(notebooks)}] {notebook}", flush=True)
-        notebook_parameters = {"OUTPUT_DIR": str(out_dir / notebook.stem), **(parameters or {})}
+        notebook_parameters = {"OUTPUT_DIR": str((out_dir / notebook.stem).resolve()), **(parameters or {})}
         output = out_dir / f"{notebook.stem}.ipynb"
-        runs.append(run_notebook(notebook, output, notebook_parameters, timeout=timeout, raise_on_error=False))
+        run = run_notebook(notebook, output, notebook_parameters, timeout=timeout, raise_on_error=False)
+        runs.append(run)
     width = max(len(run.source.name) for run in runs)
     print(f"\n{'notebook':<{width}}  {'seconds':>8}  result")
     for run in runs:
