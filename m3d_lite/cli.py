@@ -15,23 +15,6 @@ from typing import Any
 from m3d_lite.config import SCALES
 
 
-def _window(values: list[str] | None) -> str | tuple[float, float] | None:
-    """``--window`` takes a name from preprocess.WINDOWS or two numbers LO HI (HU)."""
-    if not values:
-        return None
-    if len(values) == 2:
-        try:
-            return float(values[0]), float(values[1])
-        except ValueError:
-            pass
-    name = " ".join(values)
-    from m3d_lite.data.preprocess import WINDOWS
-
-    if name in WINDOWS:
-        return name
-    raise SystemExit(f"--window: expected two numbers LO HI or one of {sorted(WINDOWS)}, got {values}")
-
-
 def _parameters(pairs: list[list[str]] | None) -> dict[str, Any]:
     """``-p NAME VALUE`` pairs, typed like papermill's; ``*_DIR`` paths made absolute, since a
     notebook runs in its own folder."""
@@ -56,12 +39,12 @@ def cmd_data_phantom(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from m3d_lite.config import DataConfig
-    from m3d_lite.data.preprocess import prepare_file
+    from m3d_lite.data.preprocess import prepare_file, window_from_args
     from m3d_lite.io import save_npy
     from m3d_lite.viz import montage, save_figure
 
     shape = tuple(args.shape) if args.shape else DataConfig.from_scale(args.scale).image_shape
-    prepared, volume = prepare_file(args.input, shape, window=_window(args.window))
+    prepared, volume = prepare_file(args.input, shape, window=window_from_args(args.window))
     stem = Path(args.input).name.removesuffix(".gz").removesuffix(".nii").removesuffix(".npy")
     stem = stem.removesuffix(".dcm") or "volume"
     out = Path(args.out)
