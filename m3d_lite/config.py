@@ -73,3 +73,31 @@ def default_data_dir(scale: str) -> Path:
     base = os.environ.get("M3D_LITE_DATA_DIR")
     root = Path(base) if base else Path.home() / ".cache" / "m3d_lite"
     return root / f"phantom_{scale}"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage's loop settings (section ``train_<stage>`` of a preset).
+
+    ``batch_size`` is per process; the global batch is ``batch_size * processes * grad_accum_steps``.
+    ``max_steps`` counts optimizer steps and wins over ``epochs`` when set.
+    """
+
+    batch_size: int
+    learning_rate: float
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    grad_accum_steps: int = 1
+    mixed_precision: str = "auto"  # "auto" (bf16 where the device has it), "no", "fp16", "bf16"
+    max_grad_norm: float | None = 1.0
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 42
+
+    @classmethod
+    def from_scale(cls, scale: str, stage: str, **overrides: Any) -> TrainConfig:
+        """Section ``train_<stage>`` of preset ``scale`` with ``overrides`` (None values are ignored)."""
+        return section_config(cls, scale, f"train_{stage}", **overrides)
