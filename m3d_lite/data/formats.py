@@ -154,26 +154,32 @@ def _raise_first(problems: list[str]) -> None:
         raise DatasetError(problems[0] + more)
 
 
+def _path_pairs(
+    path: Path, split: str, items, keys: tuple[str, str], problems: list[str]
+) -> list[tuple[int, dict]] | None:
+    """The (index, item) pairs of a json split whose ``keys`` are both strings; the others become problems.
+    None (and a problem) when the split is not a list."""
+    if not isinstance(items, list):
+        problems.append(f"{path}: split {split!r} must be a list of {{{keys[0]!r}, {keys[1]!r}}} items")
+        return None
+    valid = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and all(isinstance(item.get(k), str) for k in keys):
+            valid.append((i, item))
+        else:
+            wanted = f"string keys {keys[0]!r} and {keys[1]!r}"
+            problems.append(f"{path}: {split}[{i}] must have {wanted}, got {item!r}")
+    return valid
+
+
 def _cap_problems(path: Path, data) -> tuple[dict[str, list[CapItem]], list[str]]:
     if not isinstance(data, dict) or not data:
         return {}, [f"{path}: expected a JSON object of splits {list(CAP_SPLITS)}, got {type(data).__name__}"]
     splits, problems = {}, []
     for split, items in data.items():
-        if not isinstance(items, list):
-            problems.append(f"{path}: split {split!r} must be a list of {{'image', 'text'}} items")
-            continue
-        splits[split] = []
-        for i, item in enumerate(items):
-            if not (
-                isinstance(item, dict)
-                and isinstance(item.get("image"), str)
-                and isinstance(item.get("text"), str)
-            ):
-                problems.append(
-                    f"{path}: {split}[{i}] must have string keys 'image' and 'text', got {item!r}"
-                )
-                continue
-            splits[split].append(CapItem(item["image"], item["text"]))
+        valid = _path_pairs(path, split, items, ("image", "text"), problems)
+        if valid is not None:
+            splits[split] = [CapItem(item["image"], item["text"]) for _, item in valid]
     return splits, problems
 
 
@@ -224,21 +230,11 @@ def _seg_problems(path: Path, data) -> tuple[SegDataset | None, list[str]]:
         problems.append(f"{path}: no split; expected keys {list(SEG_SPLITS)}")
     splits: dict[str, list[SegItem]] = {}
     for split in SEG_SPLITS:
-        items = data.get(split, [])
-        if not isinstance(items, list):
-            problems.append(f"{path}: '{split}' must be a list of {{'image', 'label'}} items")
+        valid = _path_pairs(path, split, data.get(split, []), ("image", "label"), problems)
+        if valid is None:
             continue
         splits[split] = []
-        for i, item in enumerate(items):
-            if not (
-                isinstance(item, dict)
-                and isinstance(item.get("image"), str)
-                and isinstance(item.get("label"), str)
-            ):
-                problems.append(
-                    f"{path}: {split}[{i}] must have string keys 'image' and 'label', got {item!r}"
-                )
-                continue
+        for i, item in valid:
             match = _MASK_NAME_RE.match(Path(item["label"]).name)
             if match is None:
                 problems.append(f"{path}: {split}[{i}] label {item['label']!r} is not named mask_<k>.npy")
