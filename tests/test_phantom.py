@@ -243,3 +243,23 @@ def test_writer_refuses_a_folder_with_other_content(tmp_path):
     with pytest.raises(FileExistsError, match="notes.txt"):
         write_phantom_dataset(tmp_path, 1, progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_ensure_reuses_a_complete_dataset_and_rewrites_an_interrupted_one(tmp_path):
+    import json
+
+    from m3d_lite.data.phantom_dataset import ensure_phantom_dataset
+
+    root = ensure_phantom_dataset(tmp_path / "p", num_volumes=3, scale="ci", seed=1, progress=False)
+    report = root / "M3D_Cap" / "ct_case" / "phantom_00000" / "text.txt"
+    stamp = report.stat().st_mtime_ns
+    ensure_phantom_dataset(root, num_volumes=3, scale="ci", seed=1, progress=False)
+    assert report.stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    info_path = root / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    info["phantom"]["complete"] = False  # as an interrupted write leaves it
+    info_path.write_text(json.dumps(info))
+    ensure_phantom_dataset(root, num_volumes=3, scale="ci", seed=1, progress=False)
+    assert json.loads(info_path.read_text())["phantom"]["complete"] is True
+    assert report.stat().st_mtime_ns != stamp

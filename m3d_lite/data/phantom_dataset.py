@@ -215,21 +215,18 @@ def write_phantom_dataset(
     out = Path(out_dir)
     start = time.perf_counter()
     _prepare_out_dir(out)
-    save_json(
-        out / "dataset_info.json",
-        {
-            SEG_CODE: {
-                "name": NAME,
-                "scale": scale,
-                "image_shape": list(config.image_shape),
-                "raw_shape": list(config.raw_shape),
-                "raw_spacing": list(config.raw_spacing),
-                "seed": seed,
-                "num_volumes": num_volumes,
-                "version": VERSION,
-            }
-        },
-    )
+    info = {
+        "name": NAME,
+        "scale": scale,
+        "image_shape": list(config.image_shape),
+        "raw_shape": list(config.raw_shape),
+        "raw_spacing": list(config.raw_spacing),
+        "seed": seed,
+        "num_volumes": num_volumes,
+        "version": VERSION,
+    }
+    # written first as incomplete (so an interrupted run can be replaced), last as complete
+    save_json(out / "dataset_info.json", {SEG_CODE: {**info, "complete": False}})
 
     cap = {split: [] for split in CAP_SPLITS}
     vqa = {split: [] for split in CAP_SPLITS}
@@ -264,9 +261,26 @@ def write_phantom_dataset(
     for split, name in REFSEG_FILES.items():
         save_csv(out / "M3D_RefSeg" / name, refseg[split], REFSEG_COLUMNS)
     save_csv(out / "M3D_RefSeg" / REFSEG_ALL_FILE, refseg["train"] + refseg["test"], REFSEG_COLUMNS)
+    save_json(out / "dataset_info.json", {SEG_CODE: {**info, "complete": True}})
 
     counts = {f"cap_{s}": len(v) for s, v in cap.items()}
     counts.update({f"vqa_{s}": len(v) for s, v in vqa.items()})
     counts.update({f"seg_{s}": len(v) for s, v in seg.items()})
     counts.update({f"refseg_{s}": len(v) for s, v in refseg.items()})
     return PhantomSummary(out, num_volumes, counts, time.perf_counter() - start)
+
+
+def ensure_phantom_dataset(
+    out_dir, num_volumes: int, scale: str = "ci", seed: int = 0, progress: bool = True
+) -> Path:
+    """Reuse the phantom dataset in ``out_dir`` if it is complete and was written with these settings;
+    write it otherwise. Every notebook calls this, so the course generates its data once."""
+    out = Path(out_dir)
+    try:
+        info = json.loads((out / "dataset_info.json").read_text(encoding="utf-8"))[SEG_CODE]
+    except (OSError, ValueError, TypeError, KeyError):
+        info = {}
+    wanted = {"scale": scale, "seed": seed, "num_volumes": num_volumes, "version": VERSION, "complete": True}
+    if any(info.get(key) != value for key, value in wanted.items()):
+        write_phantom_dataset(out, num_volumes=num_volumes, scale=scale, seed=seed, progress=progress)
+    return out

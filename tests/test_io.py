@@ -1,0 +1,25 @@
+"""Atomic writes: whole files or none, with ordinary permissions."""
+
+import os
+
+import numpy as np
+import pytest
+
+from m3d_lite.io import atomic_path, save_json, save_npy
+
+
+def test_failed_write_leaves_neither_target_nor_temp(tmp_path):
+    target = tmp_path / "volume.npy"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_round_trip_with_umask_permissions(tmp_path):
+    array = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)
+    np.testing.assert_array_equal(np.load(save_npy(tmp_path / "a.npy", array)), array)
+    path = save_json(tmp_path / "sub" / "b.json", {"x": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
