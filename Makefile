@@ -6,13 +6,15 @@ TORCH ?= torch==2.13.0
 SCALE ?= ci
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.m3d-lite-installed
+# JupyterLab defaults of this venv: open *.py as notebooks (jupytext); a user's own settings still win
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.d/m3d-lite.json
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: venv course test lab student student-check lint clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(LAB_SETTINGS)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,13 +24,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+$(LAB_SETTINGS): jupyter/overrides.json | $(STAMP)
+	mkdir -p $(@D)
+	cp $< $@
+
 course: $(STAMP)
 	$(BIN)/m3d-lite course run-all --notebooks notebooks --out runs -p SCALE $(SCALE)
 
-test: $(STAMP)
+test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lab: $(STAMP)
+lab: venv
 	$(BIN)/jupyter lab notebooks
 
 student: $(STAMP)

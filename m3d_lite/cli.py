@@ -98,6 +98,27 @@ def cmd_course_make_student(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_course_grade(args: argparse.Namespace) -> int:
+    from m3d_lite.course.grade import grade, totals
+
+    try:
+        rows = grade(
+            args.submissions,
+            args.out,
+            notebooks=args.notebooks,
+            timeout=args.timeout,
+            jobs=args.jobs,
+            parameters=_parameters(args.parameter),
+            solutions_dir=args.solutions,
+            max_output_bytes=int(args.max_output_mb * 1e6),
+        )
+    except KeyboardInterrupt:
+        print("\ninterrupted: running notebooks stopped, no gradebook written", file=sys.stderr)
+        return 130
+    print(f"\n{totals(rows)}\n\ngradebook: {args.out} ({len(rows)} rows)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``m3d-lite`` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="m3d-lite", description=__doc__.splitlines()[0])
@@ -148,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebooks", type=Path, default=Path("notebooks"))
     p.add_argument("--check", action="store_true")
     p.set_defaults(func=cmd_course_make_student)
+
+    p = course.add_parser("grade", help="run every student's notebooks in a sandbox; write a gradebook CSV")
+    p.add_argument("submissions", type=Path, help="one folder per student holding NN_*.py or NN_*.ipynb")
+    p.add_argument("--out", required=True, type=Path, help="gradebook CSV; runs go to <stem>_runs/")
+    p.add_argument("--notebooks", nargs="+", metavar="NN", help="e.g. 01 02 (default: every solution)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per notebook, wall clock")
+    p.add_argument("--jobs", type=int, default=1, help="students graded at a time")
+    p.add_argument("--solutions", type=Path, default=Path("solutions"), help="where the exercises are read")
+    p.add_argument("--max-output-mb", type=float, default=5.0, help="output kept per notebook")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    p.set_defaults(func=cmd_course_grade)
     return parser
 
 

@@ -341,3 +341,91 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return Path(path)
+
+
+def retrieval_matrix(similarity: Any, title: str | None = None) -> Figure:
+    """The image-text similarity matrix (rows images, columns texts) with the true pairs (diagonal) boxed.
+
+    A red dot marks each image's best text (row argmax), a hollow cyan circle each text's best image
+    (column argmax): a dot inside a box is a correct retrieval. Readable from 10 to about 100 pairs.
+    """
+    if hasattr(similarity, "detach"):
+        similarity = similarity.detach().float().cpu().numpy()
+    matrix = np.asarray(similarity, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"expected a square N x N similarity, got shape {matrix.shape}")
+    n = matrix.shape[0]
+    fig = plt.figure(figsize=(6.5, 6.0), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="cosine similarity")
+    cell = 72 * 4.5 / n  # points per matrix cell, roughly
+    diagonal = np.arange(n)
+    ax.scatter(
+        diagonal,
+        diagonal,
+        s=cell**2,
+        marker="s",
+        facecolors="none",
+        edgecolors="white",
+        linewidths=max(0.5, min(1.5, cell / 8)),
+        label="true pair",
+    )
+    ax.scatter(
+        matrix.argmax(axis=1),
+        diagonal,
+        s=(cell * 0.4) ** 2 + 3,
+        color="red",
+        label="best text of each image",
+    )
+    ax.scatter(
+        diagonal,
+        matrix.argmax(axis=0),
+        s=(cell * 0.75) ** 2 + 12,
+        facecolors="none",
+        edgecolors="cyan",
+        linewidths=max(0.8, min(1.2, cell / 10)),
+        label="best image of each text",
+    )
+    if n <= 20:
+        ax.set_xticks(diagonal)
+        ax.set_yticks(diagonal)
+    ax.set_xlabel("text")
+    ax.set_ylabel("image")
+    legend = fig.legend(loc="outside lower center", ncol=3, fontsize="small", markerscale=min(1.0, 12 / cell))
+    legend.get_frame().set_facecolor("0.75")  # the white box of "true pair" must show
+    ax.set_title(title or f"image-text similarity, {n} pairs")
+    plt.close(fig)
+    return fig
+
+
+def training_curves(
+    metrics: str | os.PathLike | Sequence[Mapping[str, Any]],
+    keys: Sequence[str] = ("loss", "lr"),
+    title: str | None = None,
+) -> Figure:
+    """Plot ``keys`` against the optimizer step from a training run's ``metrics.jsonl`` (or its records).
+
+    One panel per key; records without a key are skipped, so evaluation and training lines can share a file.
+    """
+    if isinstance(metrics, (str, os.PathLike)):
+        import json
+
+        lines = Path(metrics).read_text(encoding="utf-8").splitlines()
+        metrics = [json.loads(line) for line in lines if line.strip()]
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(4.2 * len(keys), 3.2), layout="constrained", squeeze=False
+    )
+    for ax, key in zip(axes[0], keys, strict=True):
+        points = [(r["step"], r[key]) for r in metrics if key in r and r[key] is not None]
+        if not points:
+            raise ValueError(f"no record has {key!r}; keys found: {sorted({k for r in metrics for k in r})}")
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    plt.close(fig)
+    return fig

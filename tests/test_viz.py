@@ -94,3 +94,19 @@ def test_save_figure_is_png(volume, tmp_path):
     path = viz.save_figure(viz.montage(volume, num_slices=2), tmp_path / "figs" / "m.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["m.png"]
+
+
+def test_training_curves_plots_each_key_from_a_metrics_file(tmp_path):
+    import json
+
+    from m3d_lite.viz import training_curves
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 6)] + [{"step": 5, "eval_r1": 40.0}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    fig = training_curves(path, keys=("loss", "eval_r1"))
+    loss_line, eval_line = (ax.get_lines()[0] for ax in fig.axes)
+    assert list(loss_line.get_xdata()) == [1, 2, 3, 4, 5] and loss_line.get_ydata()[-1] == 0.4
+    assert list(eval_line.get_ydata()) == [40.0]
+    with pytest.raises(ValueError, match="no record has 'acc'"):
+        training_curves(records, keys=("acc",))

@@ -4,6 +4,10 @@ Every check prints one line for the student (✅/❌/⚠️) and one `M3D_CHECK 
 `parse_check_lines` reads back from an executed notebook, so grading needs nothing but the outputs.
 A failed check either raises `CheckFailed` (strict, for CI and the solutions) or hands back the
 reference implementation, so a student who is stuck on one exercise can still run the rest.
+
+Graded runs (`m3d-lite course grade`) set `M3D_LITE_GRADING` to a random per-run token: then a check
+also runs its `hidden_cases`, never raises (so every exercise gets a result, not just the first failed
+one), and stamps its `M3D_CHECK` line with the token, so the grader can ignore lines a student printed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 
 PREFIX = "M3D_CHECK"
+GRADING_ENV = "M3D_LITE_GRADING"
 ICONS = {"passed": "✅", "failed": "❌", "error": "❌", "not attempted": "⚠️"}
 _LINE = re.compile(rf"^{PREFIX} (\{{.*\}})\s*$", re.MULTILINE)
 
@@ -127,16 +133,27 @@ def _difference(compare: Callable[[Any, Any], str | None] | None, expected: Any,
         return f"could not compare with the expected output ({type(exc).__name__}: {exc}); got {_short(got)}"
 
 
+def grading_token() -> str:
+    """The grader's token for this run, or "" outside graded runs (read from `$M3D_LITE_GRADING`)."""
+    return os.environ.get(GRADING_ENV, "")
+
+
 def _record(result: CheckResult, strict: bool, cause: BaseException | None = None) -> bool:
-    """Store and print `result`; return whether it passed, raising CheckFailed if strict and it did not."""
+    """Store and print `result`; return whether it passed, raising CheckFailed if strict and it did not.
+
+    In a graded run nothing raises: the grader wants a result for every exercise, not the first failure.
+    """
     result.message = " ".join(result.message.split())  # one line each, whatever the exception said
     _RESULTS.pop(result.name, None)
     _RESULTS[result.name] = result
     print(f"{ICONS[result.status]} {result.name}: {result.status}: {result.message}")
-    print(f"{PREFIX} {json.dumps(dataclasses.asdict(result))}", flush=True)
+    line = dataclasses.asdict(result)
+    if grading_token():
+        line["token"] = grading_token()
+    print(f"{PREFIX} {json.dumps(line)}", flush=True)
     if result.status == "passed":
         return True
-    if strict:
+    if strict and not grading_token():
         raise CheckFailed(f"{result.name} {result.status}: {result.message}") from cause
     return False
 
@@ -150,24 +167,28 @@ def check_function(
     strict: bool = False,
     weight: float = 1.0,
     compare: Callable[[Any, Any], str | None] | None = None,
+    hidden_cases: Sequence[tuple | dict] = (),
 ) -> Callable:
     """Compare `student_fn` with `reference_fn` on every case; return the function the notebook should use.
 
     A case is a tuple of positional arguments or a dict of keyword arguments. `compare(expected, got)`
     returns None when they match, else a message (default `compare_outputs`). The student's function
     comes back when every case matches; otherwise strict raises CheckFailed, and non-strict warns and
-    returns `reference_fn` so the rest of the notebook still runs.
+    returns `reference_fn` so the rest of the notebook still runs. `hidden_cases` run only in graded
+    runs, after the visible ones, so that a function tuned to the visible cases does not pass.
     """
     if not cases:
         raise ValueError(f"check {name!r} has no cases: it would pass whatever the student wrote")
     fn_name = getattr(student_fn, "__name__", name)
-    status, message, cause = "passed", f"{len(cases)} cases match the reference", None
-    for case in cases:
+    hidden = list(hidden_cases) if grading_token() else []
+    extra = f" (+{len(hidden)} hidden)" if hidden else ""
+    status, message, cause = "passed", f"{len(cases)}{extra} cases match the reference", None
+    for number, case in enumerate([*cases, *hidden]):
         if not isinstance(case, (tuple, dict)):
             raise TypeError(f"check {name!r}: a case is a tuple of arguments or a dict, got {_short(case)}")
         args, kwargs = (case, {}) if isinstance(case, tuple) else ((), case)
         shown = ", ".join([_short(a, 30) for a in args] + [f"{k}={_short(v, 30)}" for k, v in kwargs.items()])
-        call = _truncate(f"{fn_name}({shown})")
+        call = _truncate(f"{'hidden case ' if number >= len(cases) else ''}{fn_name}({shown})")
         expected = reference_fn(*args, **kwargs)
         # the student works on copies: an in-place edit must not change the inputs or the expected output
         student_args, student_kwargs = copy.deepcopy((args, kwargs))
@@ -209,9 +230,23 @@ def check_value(
     return _record(CheckResult(name, "failed", difference, weight), strict)
 
 
-def parse_check_lines(text: str) -> list[CheckResult]:
-    """Read the `M3D_CHECK` lines back from a notebook's output text, in order."""
-    return [CheckResult(**json.loads(line)) for line in _LINE.findall(text)]
+def parse_check_lines(text: str, token: str | None = None) -> list[CheckResult]:
+    """Read the `M3D_CHECK` lines back from a notebook's output text, in order.
+
+    With a `token`, only lines stamped with it count (a graded run); lines that are not valid check
+    results, such as a student's hand-written imitation, are skipped rather than trusted or fatal.
+    """
+    found = []
+    for line in _LINE.findall(text):
+        try:
+            fields = json.loads(line)
+            line_token = fields.pop("token", "")
+            result = CheckResult(**fields)
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if token is None or line_token == token:
+            found.append(result)
+    return found
 
 
 def results() -> list[CheckResult]:

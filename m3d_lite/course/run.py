@@ -63,6 +63,7 @@ def run_notebook(
     timeout: float | None = None,
     kernel_name: str = "python3",
     raise_on_error: bool = True,
+    allow_errors: bool = False,
 ) -> NotebookRun:
     """Execute `notebook` with `parameters` and write the executed `.ipynb` to `output`.
 
@@ -70,6 +71,8 @@ def run_notebook(
     relative to it: pass absolute ones. `timeout` is per cell, in seconds.
     With `raise_on_error=False` a failure is recorded in `NotebookRun.error` instead of raised; the
     executed notebook, outputs up to the failing cell included, is written either way.
+    `allow_errors=True` runs the cells after a failing one too (grading: a crash in one exercise must
+    not hide the next); the first error is still reported.
     """
     # absolute, because papermill saves after each cell from inside `cwd`
     notebook, output = Path(notebook), Path(output).resolve()
@@ -93,6 +96,7 @@ def run_notebook(
             execution_timeout=timeout,
             progress_bar=False,
             log_output=False,
+            allow_errors=allow_errors,
         )
     except Exception as exc:
         if raise_on_error:

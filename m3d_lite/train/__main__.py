@@ -1,0 +1,102 @@
+"""Train a stage from the shell; the same module runs in one process and under ``accelerate launch``.
+
+On a laptop (one CPU process; ``--set`` overrides any preset value of the stage or its model):
+
+    python -m m3d_lite.train clip --scale ci --data /tmp/phantom_ci --out runs/clip_ci
+    python -m m3d_lite.train clip --scale ci --data /tmp/phantom_ci --out runs/clip_ci --resume
+    python -m m3d_lite.train clip --scale small --data DATA --out OUT --max-steps 200 --set learning_rate=5e-4
+
+On 8 GPUs (DeepSpeed ZeRO-2, bf16; ``batch_size`` of the preset is per GPU):
+
+    accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_deepspeed.yaml \\
+        -m m3d_lite.train clip --scale paper --data /data/M3D --out runs/clip_paper
+
+Exit status 0 on success, 2 on a usage or data error (the message says what and where).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from m3d_lite.config import SCALES
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML (``3``, ``true``, ``null``, ``[32, 64, 64]``); ``1e-4`` is a float too."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` -> ``{KEY: value}``; a pair without ``=`` is an error naming it."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        overrides[key.strip()] = parse_value(value)
+    return overrides
+
+
+def cmd_clip(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from m3d_lite.train.clip import train_clip
+
+    overrides = parse_overrides(args.set)
+    result = train_clip(
+        args.scale, args.data, args.out, max_steps=args.max_steps, resume=args.resume, **overrides
+    )
+    if PartialState().is_main_process:
+        loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+        print(f"{result.steps} steps in {result.seconds:.1f} s, final loss {loss}")
+        print(f"metrics: {result.metrics_path}")
+        print(f"model: {args.out / 'model'}  vision encoder: {args.out / 'vision_encoder'}")
+    return 0
+
+
+def build_parser(prog: str = "python -m m3d_lite.train") -> argparse.ArgumentParser:
+    """The parser of the training entry point, one sub-command per stage (reused by ``m3d-lite train``)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    stages = parser.add_subparsers(dest="stage", required=True)
+    p = stages.add_parser("clip", help="stage 0: pretrain M3D-CLIP on M3D-Cap image-report pairs")
+    p.add_argument("--scale", choices=SCALES, default="ci")
+    p.add_argument("--data", required=True, type=Path, help="dataset root holding M3D_Cap/")
+    p.add_argument("--out", required=True, type=Path, help="run folder: checkpoints/, metrics.jsonl, model/")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset value, e.g. learning_rate=5e-4 or hidden_size=32 (repeatable)",
+    )
+    p.set_defaults(func=cmd_clip)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the stage; errors a user can fix print one line and return 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        print(f"m3d_lite.train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
