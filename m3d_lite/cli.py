@@ -119,6 +119,25 @@ def cmd_course_grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from m3d_lite.train.__main__ import main as train_main
+
+    return train_main(args.args, prog="m3d-lite train")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from m3d_lite.eval.bench import run_bench
+
+    results = run_bench(
+        args.model, args.data, args.out, tasks=args.tasks, pool_size=args.pool_size, seed=args.seed
+    )
+    print(json.dumps(results["tasks"], indent=2))
+    print(f"results: {Path(args.out) / 'bench.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``m3d-lite`` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="m3d-lite", description=__doc__.splitlines()[0])
@@ -146,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("validate", help="check an M3D-format dataset folder; non-zero exit lists problems")
     p.add_argument("root", type=Path)
     p.set_defaults(func=cmd_data_validate)
+
+    p = groups.add_parser(
+        "train", help="train a stage: clip (see `m3d-lite train --help`)", add_help=False, prefix_chars="\0"
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the arguments of `python -m m3d_lite.train`")
+    p.set_defaults(func=cmd_train)
+
+    p = groups.add_parser("bench", help="evaluate a trained model on M3D-Bench tasks; writes bench.json")
+    p.add_argument("--model", required=True, type=Path, help="a run folder (with model/) or a model folder")
+    p.add_argument("--data", required=True, type=Path, help="dataset root in the M3D layout")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--tasks", nargs="+", default=["retrieval"], help="task names or 'all'")
+    p.add_argument("--pool-size", type=int, default=100, help="retrieval pool (and the full test split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench)
 
     course = groups.add_parser("course", help="run, generate and grade the course notebooks").add_subparsers(
         dest="command", required=True

@@ -51,8 +51,25 @@ def test_prepare_writes_npy_and_preview_at_the_requested_shape(tmp_path):
     hu[4:16, 8:32, 8:32] = 40
     scan = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), scan)
-    assert main(["data", "prepare", str(scan), "--out", str(tmp_path / "out"), "--shape", "8", "16", "16",
-                 "--window", "-160", "240"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(scan),
+                "--out",
+                str(tmp_path / "out"),
+                "--shape",
+                "8",
+                "16",
+                "16",
+                "--window",
+                "-160",
+                "240",
+            ]
+        )
+        == 0
+    )
     prepared = np.load(tmp_path / "out" / "scan.npy")
     assert prepared.shape == (1, 8, 16, 16) and prepared.dtype == np.float32
     assert 0.0 <= prepared.min() and prepared.max() <= 1.0
@@ -83,6 +100,65 @@ def test_course_run_injects_parameters(tmp_path):
         'Path(OUTPUT_DIR).mkdir(parents=True)\n(Path(OUTPUT_DIR) / "done").write_text("yes")\n'
     )
     out_dir = tmp_path / "made"
-    assert main(["course", "run", str(notebook), "--out", str(tmp_path / "nb.ipynb"),
-                 "-p", "OUTPUT_DIR", str(out_dir)]) == 0
+    assert (
+        main(
+            [
+                "course",
+                "run",
+                str(notebook),
+                "--out",
+                str(tmp_path / "nb.ipynb"),
+                "-p",
+                "OUTPUT_DIR",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     assert (out_dir / "done").read_text() == "yes"
+
+
+def test_train_clip_then_bench_retrieval(phantom_root, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "clip"
+    args = [
+        "train",
+        "clip",
+        "--scale",
+        "ci",
+        "--data",
+        str(phantom_root),
+        "--out",
+        str(run),
+        "--max-steps",
+        "2",
+        "--set",
+        "batch_size=2",
+    ]
+    assert main(args) == 0
+    assert (run / "model" / "config.json").is_file() and (run / "vision_encoder").is_dir()
+    assert (
+        main(["bench", "--model", str(run), "--data", str(phantom_root), "--out", str(tmp_path / "bench")])
+        == 0
+    )
+    results = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert set(results["tasks"]["retrieval"]["pool_100"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(run),
+                "--data",
+                str(phantom_root),
+                "--out",
+                str(tmp_path / "b2"),
+                "--tasks",
+                "retrieval",
+                "nonsense",
+            ]
+        )
+        == 2
+    )
+    assert "nonsense" in capsys.readouterr().err

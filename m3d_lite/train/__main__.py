@@ -88,9 +88,9 @@ def build_parser(prog: str = "python -m m3d_lite.train") -> argparse.ArgumentPar
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m m3d_lite.train") -> int:
     """Parse ``argv`` and run the stage; errors a user can fix print one line and return 2."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError) as error:
