@@ -9,6 +9,7 @@ STAMP := $(VENV)/.m3d-lite-installed
 # JupyterLab defaults of this venv: open *.py as notebooks (jupytext); a user's own settings still win
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.d/m3d-lite.json
 export HF_HUB_OFFLINE ?= 1
+export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 

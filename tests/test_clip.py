@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator, debug_launcher
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from transformers import AutoModel
 
@@ -40,6 +41,15 @@ REPORTS = [
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """Two OpenMP threads spin-wait when other jobs share the 2 cores (20x slower); one thread does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def blocky_volumes(n: int, seed: int = 0) -> torch.Tensor:
@@ -81,7 +91,7 @@ def test_temperature_variants(temperature, initial, at_five):
     torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(3))
 
 
-def test_loss_falls_when_training_on_8_fixed_pairs():
+def test_loss_falls_when_training_on_8_fixed_pairs(one_thread):
     torch.manual_seed(0)
     model, tokenizer = build_clip("ci")
     batch = ci_batch(tokenizer)
@@ -178,6 +188,9 @@ def check_two_processes(state, config, batch, reference_loss, reference_grads, o
         "1"  # a forked child must not re-enter the parent's OpenMP pool (it hangs)
     )
     torch.set_num_threads(1)
+    # a forked child inherits the parent's accelerate singletons: an Accelerator made earlier in this test
+    # session would leave it believing it is one non-distributed process (no DDP, no gradient averaging)
+    AcceleratorState._reset_state(reset_partial_state=True)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = M3DClipModel(config)
     model.load_state_dict(state)

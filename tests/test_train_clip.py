@@ -22,7 +22,7 @@ from m3d_lite.train.clip import train_clip
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("clip") / "phantom"
-    write_phantom_dataset(root, num_volumes=12, scale="ci", seed=0)
+    write_phantom_dataset(root, num_volumes=20, scale="ci", seed=0)  # 16 training pairs: one ci batch
     return root
 
 

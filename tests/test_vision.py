@@ -133,3 +133,5 @@ def test_mistakes_are_named(tmp_path):
         VisionConfig.from_scale("ci", hiden_size=32)
     with pytest.raises(FileNotFoundError, match="no vision encoder in"):
         load_vision_encoder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="expected model.safetensors and config.json"):
+        VisionTower.from_pretrained(tmp_path)

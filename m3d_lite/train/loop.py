@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -251,13 +251,20 @@ def keep_metrics_until(path: Path, step: int) -> None:
     save_text(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons (precision, gradient-accumulation and dataloader
+    bookkeeping), keeping the process group: a run that stopped mid-epoch must not leak into the next."""
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
     """An ``Accelerator`` for ``cfg``; the preset's mixed precision wins over a launch config's.
 
     The shared accelerate state is reset first so that one notebook can run stages with different
     precisions (accelerate otherwise refuses a second, different ``Accelerator`` in one process).
     """
-    AcceleratorState._reset_state()
+    reset_accelerate_state()
     return Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_steps=cfg.grad_accum_steps,
@@ -383,11 +390,13 @@ def train(
                 break
     bar.close()
     accelerator.wait_for_everyone()
+    trained = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    reset_accelerate_state()
     return TrainResult(
         out_dir=out_dir,
         steps=position.step,
         final_loss=position.loss,
         metrics_path=metrics_path,
         seconds=time.perf_counter() - start,
-        model=accelerator.unwrap_model(model, keep_fp32_wrapper=False),
+        model=trained,
     )
