@@ -126,6 +126,7 @@ window_hu = check_function(
         (ct_hu[:8, :8], -450.0, 1050.0),
         (np.arange(-5, 5, dtype=np.int16), -2.0, 2.0),
     ],
+    hidden_cases=[(np.linspace(-2000, 2000, 17), -1350.0, 150.0), (ct_hu[40:44, 60:64], 0.0, 0.5)],
     strict=STRICT_CHECKS,
 )
 
@@ -248,6 +249,7 @@ mask_to_box_text = check_function(
     mask_to_box_text,
     reference_box_text,
     cases=[(cube,), (liver,), (np.ascontiguousarray(cube[:, ::-1]),)],
+    hidden_cases=[(np.pad(cube, ((5, 0), (0, 3), (2, 2))),), (np.ones((3, 7, 5), dtype=bool),)],
     strict=STRICT_CHECKS,
 )
 

@@ -112,6 +112,7 @@ my_patchify = check_function(
         (torch.rand(1, 2, 4, 6, 8, generator=generator), (2, 3, 4)),
         (volume[None], tuple(vision_config.patch_size)),
     ],
+    hidden_cases=[(torch.rand(3, 1, 8, 4, 6, generator=generator), (4, 2, 3))],
     strict=STRICT_CHECKS,
 )
 
@@ -191,6 +192,7 @@ info_nce = check_function(
         (unit(6, 16, 2), unit(6, 16, 2), 2.66),
         (unit(3, 5, 3), unit(3, 5, 4), 1.0),
     ],
+    hidden_cases=[(unit(5, 7, 9), unit(5, 7, 10), 50.0), (unit(2, 3, 11), unit(2, 3, 11), 0.5)],
     strict=STRICT_CHECKS,
 )
 
