@@ -10,7 +10,9 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    ``replace=True``: an existing ``path`` is swapped for the new folder (a reader sees the old or the new
+    one; for an instant, none). ``replace=False``: an existing ``path`` wins, so that several processes
+    filling the same cache entry keep the first complete one and discard the others.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp creates 0700
+        if replace and target.exists():
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if replace or not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:

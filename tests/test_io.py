@@ -23,3 +23,22 @@ def test_written_files_round_trip_with_umask_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_dir_replaces_or_keeps_the_first_complete_folder(tmp_path):
+    from m3d_lite.io import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as folder:
+        (folder / "weights").write_text("v1")
+    with atomic_dir(target, replace=False) as folder:  # a racing process finishing second
+        (folder / "weights").write_text("v2")
+    assert (target / "weights").read_text() == "v1"
+    with atomic_dir(target) as folder:
+        (folder / "weights").write_text("v3")
+    assert (target / "weights").read_text() == "v3"
+    with pytest.raises(RuntimeError), atomic_dir(target) as folder:
+        (folder / "weights").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (target / "weights").read_text() == "v3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp folders left

@@ -23,7 +23,8 @@ from torch.nn import functional as F
 from torch.utils.data import default_collate
 
 from m3d_lite.config import TrainConfig
-from m3d_lite.train.loop import STATE_FILE, atomic_dir, parameter_groups, resolve_mixed_precision, train
+from m3d_lite.io import atomic_dir
+from m3d_lite.train.loop import STATE_FILE, parameter_groups, resolve_mixed_precision, train
 
 LAUNCH_CONFIGS = Path(__file__).resolve().parents[1] / "m3d_lite" / "configs" / "accelerate"
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "samples_per_s", "seconds"}

@@ -1,7 +1,10 @@
 """Torch datasets that read an M3D-format root, and the collators that batch their items.
 
-Stage 0 needs image-report pairs (:class:`CapDataset`, :class:`ClipCollator`); later stages add their
-datasets here and share the small loaders (:func:`load_volume_tensor`, :func:`read_report`).
+Stage 0 needs image-report pairs (:class:`CapDataset`, :class:`ClipCollator`). The LLM stages need
+instruction data, (volume, question, answer) encoded for a causal LM: report generation
+(:class:`CaptionDataset`), closed and open VQA (:class:`VQADataset`), batched by :class:`InstructCollator`
+and mixed by :func:`mix_datasets`. All share the small loaders (:func:`load_volume_tensor`,
+:func:`read_report`, :func:`trim_report`).
 Every item is a function of (seed, index) alone, so a dataset gives the same item whenever it is asked,
 in any process and any epoch.
 """
@@ -10,14 +13,26 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from m3d_lite.data.formats import DatasetError, read_cap_json
+from m3d_lite.data.formats import VQA_FILES, CapItem, DatasetError, read_cap_json, read_vqa_csv
+from m3d_lite.data.text import (
+    LETTERS,
+    VQAItem,
+    caption_prompt,
+    closed_vqa_answer,
+    closed_vqa_question,
+    open_vqa_answer,
+    open_vqa_question,
+)
+from m3d_lite.models.tokenizer import IGNORE_INDEX, encode_example
 
 _SENTENCE_END = re.compile(r"(?<=\.)\s+")
 
@@ -48,24 +63,42 @@ def num_tokens(text: str, tokenizer: Any) -> int:
     return len(tokenizer(text)["input_ids"])
 
 
-def trim_report(text: str, tokenizer: Any, max_tokens: int, rng: np.random.Generator) -> str:
+def trim_report(
+    text: str, tokenizer: Any, max_tokens: int, rng: np.random.Generator, keep_order: bool = False
+) -> str:
     """Shorten a report to ``max_tokens`` tokens (special tokens included) the way M3D's CLIP data does.
 
     A report that fits is returned as is. Otherwise the first sentence (usually the technique: plane,
     phase, window) is kept and the other sentences are tried in an order drawn from ``rng``; each one
     that still fits is appended. So a long report gives a different, still coherent subset per seed:
-    augmentation that never cuts a sentence in half. Unlike M3D, which splits on every '.', sentences end
-    at a '.' followed by white space, so "3.5 mm" stays whole. The first sentence alone may still be too
-    long; the caller truncates then.
+    augmentation that never cuts a sentence in half. ``keep_order=True`` puts the kept sentences back in
+    the report's order (a caption target should read like a report). Unlike M3D, which splits on every
+    '.', sentences end at a '.' followed by white space, so "3.5 mm" stays whole. The first sentence alone
+    may still be too long; the caller truncates then.
     """
     if num_tokens(text, tokenizer) <= max_tokens:
         return text
-    first, *others = _SENTENCE_END.split(text.strip())
-    kept = [first]
-    for i in rng.permutation(len(others)):
-        if num_tokens(" ".join([*kept, others[i]]), tokenizer) <= max_tokens:
-            kept.append(others[i])
-    return " ".join(kept)
+    sentences = _SENTENCE_END.split(text.strip())
+    kept = [0]
+    for i in rng.permutation(len(sentences) - 1) + 1:
+        if num_tokens(" ".join(sentences[j] for j in [*kept, i]), tokenizer) <= max_tokens:
+            kept.append(i)
+    return " ".join(sentences[i] for i in (sorted(kept) if keep_order else kept))
+
+
+def cap_split(data_root: str | os.PathLike, split: str) -> tuple[Path, list[CapItem]]:
+    """The ``M3D_Cap`` folder of ``data_root`` and the (image, text) pairs of ``split`` in its json."""
+    folder = Path(data_root) / "M3D_Cap"
+    json_path = folder / "M3D_Cap.json"
+    if not json_path.is_file():
+        raise FileNotFoundError(
+            f"{json_path}: file not found; data_root must be the dataset root that holds M3D_Cap/ "
+            "(e.g. the --out folder of `m3d-lite data phantom`)"
+        )
+    splits = read_cap_json(json_path)
+    if split not in splits:
+        raise DatasetError(f"{json_path}: no split {split!r}; the splits present are {sorted(splits)}")
+    return folder, splits[split]
 
 
 class CapDataset(Dataset):
@@ -80,22 +113,12 @@ class CapDataset(Dataset):
     def __init__(
         self, data_root: str | os.PathLike, split: str, tokenizer: Any, max_text_len: int, seed: int = 0
     ):
-        self.folder = Path(data_root) / "M3D_Cap"
-        json_path = self.folder / "M3D_Cap.json"
-        if not json_path.is_file():
-            raise FileNotFoundError(
-                f"{json_path}: file not found; data_root must be the dataset root that holds M3D_Cap/ "
-                "(e.g. the --out folder of `m3d-lite data phantom`)"
-            )
-        splits = read_cap_json(json_path)
-        if split not in splits:
-            raise DatasetError(f"{json_path}: no split {split!r}; the splits present are {sorted(splits)}")
+        self.folder, self.items = cap_split(data_root, split)
         minimum = tokenizer.num_special_tokens_to_add() + 1
         if max_text_len < minimum:
             raise ValueError(
                 f"max_text_len must be at least {minimum} (special tokens + 1), got {max_text_len}"
             )
-        self.items = splits[split]
         self.split, self.tokenizer, self.max_text_len, self.seed = split, tokenizer, max_text_len, seed
 
     def __len__(self) -> int:
@@ -147,3 +170,198 @@ class ClipCollator:
             attention_mask[row, : len(item["input_ids"])] = 1
         images = torch.stack([item["images"] for item in items])
         return {"images": images, "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# --------------------------------------------------------------------------------------------
+# Instruction data for the LLM stages: (volume, question, answer) encoded as a causal-LM example.
+class InstructDataset(Dataset):
+    """Base of the instruction datasets: item ``index`` is a volume, a question and an answer.
+
+    A subclass says what they are (:meth:`example`) and where they come from (:meth:`source`, for error
+    messages); this class loads the volume and encodes the text with
+    :func:`~m3d_lite.models.tokenizer.encode_example`: ``num_image_tokens`` ``<im_patch>`` tokens and the
+    question as the prompt (labels -100), the answer and EOS as the target, at most ``max_length`` tokens
+    with the image tokens never cut; in the LLM's chat template unless ``chat_template=False`` (M3D's raw
+    format). An item is ``{"images": float32 1 x D x H x W, "input_ids", "labels": LongTensors (unpadded),
+    "question", "answer": str, "image_path": str}``.
+    """
+
+    def __init__(
+        self, tokenizer: Any, num_image_tokens: int, max_length: int, seed: int, chat_template: bool
+    ):
+        self.tokenizer, self.num_image_tokens, self.max_length = tokenizer, num_image_tokens, max_length
+        self.seed, self.chat_template = seed, chat_template
+
+    def encode(self, question: str, answer: str) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``labels`` of one (question, answer) pair (see the class docstring)."""
+        return encode_example(
+            self.tokenizer, question, answer, self.num_image_tokens, self.max_length, self.chat_template
+        )
+
+    def example(self, index: int) -> tuple[Path, str, str]:
+        """(image path, question, answer) of item ``index``."""
+        raise NotImplementedError
+
+    def source(self, index: int) -> str:
+        """Where item ``index`` is defined (file and entry), for error messages."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            image_path, question, answer = self.example(index)
+            images = load_volume_tensor(image_path)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{self.source(index)}: {error}") from None
+        return {
+            "images": images,
+            **self.encode(question, answer),
+            "question": question,
+            "answer": answer,
+            "image_path": str(image_path),
+        }
+
+    def answer_budget(self, question: str) -> int:
+        """How many answer tokens fit after the prompt of ``question`` and before EOS in ``max_length``."""
+        return self.max_length - len(self.encode(question, "")["input_ids"])
+
+
+class CaptionDataset(InstructDataset):
+    """Report generation on M3D-Cap (``data_root/M3D_Cap/M3D_Cap.json``): a caption request -> the report.
+
+    The request is one of :data:`~m3d_lite.data.text.CAPTION_PROMPTS` (M3D draws one of its 42 templates
+    per item) and a report longer than the answer budget is shortened by :func:`trim_report` (whole
+    sentences, the first kept), both with a generator seeded by (seed, index): the same item on every
+    call. ``encode_example`` truncates what still does not fit.
+    """
+
+    def __init__(
+        self,
+        data_root: str | os.PathLike,
+        split: str,
+        tokenizer: Any,
+        num_image_tokens: int,
+        max_length: int,
+        seed: int = 0,
+        chat_template: bool = True,
+    ):
+        super().__init__(tokenizer, num_image_tokens, max_length, seed, chat_template)
+        self.folder, self.items = cap_split(data_root, split)
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def example(self, index: int) -> tuple[Path, str, str]:
+        rng = np.random.default_rng([self.seed, index])
+        question = caption_prompt(rng)
+        pair = self.items[index]
+        report = read_report(self.folder / pair.text)
+        report = trim_report(report, self.tokenizer, self.answer_budget(question), rng, keep_order=True)
+        return self.folder / pair.image, question, report
+
+    def source(self, index: int) -> str:
+        return f"{self.folder / 'M3D_Cap.json'}: {self.split}[{index}]"
+
+
+class VQADataset(InstructDataset):
+    """M3D-VQA multiple choice (``data_root/M3D_VQA/M3D_VQA_<split>.csv``, images under ``M3D_Cap/``).
+
+    ``closed=True``: M3D's closed-ended form, ``question + " Choices: A. a B. b C. c D. d"`` -> ``"A. a"``;
+    ``closed=False``: the question alone -> the answer text. M3D uses every row twice, once in each form:
+    build one dataset of each. ``seed`` is unused (no random choice here) and kept so that every
+    instruction dataset takes the same arguments.
+    """
+
+    def __init__(
+        self,
+        data_root: str | os.PathLike,
+        split: str,
+        tokenizer: Any,
+        num_image_tokens: int,
+        max_length: int,
+        closed: bool = True,
+        seed: int = 0,
+        chat_template: bool = True,
+    ):
+        super().__init__(tokenizer, num_image_tokens, max_length, seed, chat_template)
+        if split not in VQA_FILES:
+            raise DatasetError(f"no M3D-VQA split {split!r}; expected one of {sorted(VQA_FILES)}")
+        self.csv_path = Path(data_root) / "M3D_VQA" / VQA_FILES[split]
+        if not self.csv_path.is_file():
+            raise FileNotFoundError(
+                f"{self.csv_path}: file not found; data_root must be the dataset root that holds M3D_VQA/ "
+                "and M3D_Cap/ (e.g. the --out folder of `m3d-lite data phantom`)"
+            )
+        self.rows = read_vqa_csv(self.csv_path)
+        self.image_folder = Path(data_root) / "M3D_Cap"
+        self.closed = closed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def item(self, index: int) -> VQAItem:
+        """Row ``index`` as a :class:`~m3d_lite.data.text.VQAItem`."""
+        row = self.rows[index]
+        choices = tuple(row[f"Choice {letter}"] for letter in LETTERS)
+        return VQAItem(row["Question Type"], row["Question"], choices, row["Answer Choice"])
+
+    def example(self, index: int) -> tuple[Path, str, str]:
+        item = self.item(index)
+        if self.closed:
+            question, answer = closed_vqa_question(item), closed_vqa_answer(item)
+        else:
+            question, answer = open_vqa_question(item), open_vqa_answer(item)
+        return self.image_folder / self.rows[index]["Image Path"], question, answer
+
+    def source(self, index: int) -> str:
+        return f"{self.csv_path}: row {index + 2}"  # line number, the header being line 1
+
+
+class InstructCollator(ClipCollator):
+    """Batch instruction items for training: :class:`ClipCollator`'s images, right-padded input_ids and
+    attention_mask, plus labels right-padded with -100 (no loss on padding). Padded to the longest item
+    of the batch; string fields stay out, so ``model(**batch)`` works. (Batched generation pads on the
+    left instead: ``m3d_lite.models.tokenizer.encode_prompts``.)
+    """
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {
+            **super().__call__(items),
+            "labels": pad_sequence(
+                [item["labels"] for item in items], batch_first=True, padding_value=IGNORE_INDEX
+            ),
+        }
+
+
+def mix_datasets(
+    datasets: Sequence[Dataset], weights: Sequence[float] | None = None, seed: int = 0
+) -> Dataset:
+    """One dataset of several tasks, for the training loop to shuffle.
+
+    ``weights=None``: all items once (a ``ConcatDataset``), so a task is drawn in proportion to its size;
+    this is what M3D does (it has no mixing ratios in code). With ``weights`` the mix keeps the same total
+    length but dataset ``i`` takes a share ``weights[i] / sum(weights)`` of it (largest-remainder rounding):
+    its items are drawn in seeded random passes without replacement, repeated when it is up-sampled, cut
+    short when it is down-sampled. The result is a ``Subset`` of the concatenation, the same for the same
+    ``seed``; a weight of 0 leaves a dataset out.
+    """
+    concat = ConcatDataset(datasets)
+    if weights is None:
+        return concat
+    sizes = np.array([len(d) for d in datasets])
+    shares = np.asarray(weights, dtype=float)
+    if shares.shape != sizes.shape or (shares < 0).any() or shares.sum() <= 0:
+        raise ValueError(f"weights must be {len(sizes)} non-negative numbers, not all 0; got {list(weights)}")
+    if ((shares > 0) & (sizes == 0)).any():
+        raise ValueError(f"a dataset with a positive weight is empty: sizes {sizes.tolist()}")
+    exact = shares / shares.sum() * sizes.sum()
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(counts - exact, kind="stable")[: sizes.sum() - counts.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    indices = []
+    for size, count, offset in zip(sizes, counts, offsets, strict=True):
+        if count:
+            passes = np.concatenate([rng.permutation(size) for _ in range(-(-count // size))])
+            indices.extend((passes[:count] + offset).tolist())
+    return Subset(concat, indices)

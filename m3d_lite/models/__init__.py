@@ -1,7 +1,9 @@
-"""Models: the 3D ViT and its tower (vision), M3D-CLIP (clip), and finding pretrained weights (pretrained).
+"""Models: the 3D ViT and its tower (vision), M3D-CLIP (clip), the projector (projector), M3D's tokens and
+prompts (tokenizer), the LaMed multimodal LLM (lamed), and finding pretrained weights (pretrained).
 
-Importing this package registers ``m3d_vit`` and ``m3d_clip`` with transformers' Auto classes, so
-``AutoModel.from_pretrained(folder)`` reads a saved M3D-CLIP without ``trust_remote_code``.
+Importing this package registers ``m3d_vit``, ``m3d_clip`` and ``lamed`` with transformers' Auto classes,
+so ``AutoModel.from_pretrained(folder)`` reads a saved M3D-CLIP and
+``AutoModelForCausalLM.from_pretrained(folder)`` a saved LaMed, without ``trust_remote_code``.
 """
 
 from m3d_lite.models.clip import (
@@ -13,7 +15,39 @@ from m3d_lite.models.clip import (
     load_clip,
     save_clip,
 )
-from m3d_lite.models.pretrained import PretrainedNotFoundError, load_text_tokenizer, resolve_pretrained
+from m3d_lite.models.lamed import (
+    LaMedConfig,
+    LaMedForCausalLM,
+    LLMConfig,
+    build_lamed,
+    load_lamed,
+    save_lamed,
+)
+from m3d_lite.models.pretrained import (
+    PretrainedNotFoundError,
+    load_llm,
+    load_llm_tokenizer,
+    load_text_tokenizer,
+    resolve_llm,
+    resolve_pretrained,
+)
+from m3d_lite.models.projector import (
+    LinearProjector,
+    ProjectorConfig,
+    SpatialPoolingProjector,
+    build_projector,
+)
+from m3d_lite.models.tokenizer import (
+    BOX_END,
+    BOX_START,
+    IMAGE_TOKEN,
+    SEG_TOKEN,
+    add_m3d_tokens,
+    build_prompt,
+    encode_example,
+    encode_prompts,
+    resize_with_mean_init,
+)
 from m3d_lite.models.vision import (
     VisionConfig,
     VisionTower,
@@ -24,20 +58,42 @@ from m3d_lite.models.vision import (
 )
 
 __all__ = [
+    "BOX_END",
+    "BOX_START",
+    "IMAGE_TOKEN",
+    "LLMConfig",
+    "LaMedConfig",
+    "LaMedForCausalLM",
+    "LinearProjector",
     "M3DClipConfig",
     "M3DClipModel",
     "M3DClipOutput",
     "PretrainedNotFoundError",
+    "ProjectorConfig",
+    "SEG_TOKEN",
+    "SpatialPoolingProjector",
     "ViT3D",
     "VisionConfig",
     "VisionTower",
+    "add_m3d_tokens",
     "build_clip",
+    "build_lamed",
+    "build_projector",
+    "build_prompt",
     "clip_loss",
+    "encode_example",
+    "encode_prompts",
     "load_clip",
+    "load_lamed",
+    "load_llm",
+    "load_llm_tokenizer",
     "load_text_tokenizer",
     "load_vision_encoder",
     "patchify",
+    "resize_with_mean_init",
+    "resolve_llm",
     "resolve_pretrained",
     "save_clip",
+    "save_lamed",
     "save_vision_encoder",
 ]

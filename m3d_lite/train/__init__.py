@@ -1,14 +1,21 @@
-"""Training: one shared accelerate loop (``loop.train``) and one entry point per stage (``clip.train_clip``).
+"""Training: one shared accelerate loop (``loop.train``) and one entry point per stage.
 
-Run a stage from a notebook with ``from m3d_lite.train import train_clip`` or from a shell with
-``python -m m3d_lite.train clip ...`` (see ``__main__.py``). The names below are imported on first use,
+Stage 0 is ``clip.train_clip``, stage 1 ``align.train_align``. Run a stage from a notebook with
+``from m3d_lite.train import train_clip`` or from a shell with ``python -m m3d_lite.train clip ...``
+(see ``__main__.py``). The names below are imported on first use,
 so that ``python -m m3d_lite.train --help`` and ``m3d-lite --help`` do not wait for torch and accelerate.
 """
 
 from importlib import import_module
 from typing import Any
 
-_HOMES = {"TrainResult": "loop", "save_artifact": "loop", "train": "loop", "train_clip": "clip"}
+_HOMES = {
+    "TrainResult": "loop",
+    "save_artifact": "loop",
+    "train": "loop",
+    "train_align": "align",
+    "train_clip": "clip",
+}
 
 __all__ = sorted(_HOMES)
 

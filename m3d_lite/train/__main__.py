@@ -5,11 +5,14 @@ On a laptop (one CPU process; ``--set`` overrides any preset value of the stage 
     python -m m3d_lite.train clip --scale ci --data /tmp/phantom_ci --out runs/clip_ci
     python -m m3d_lite.train clip --scale ci --data /tmp/phantom_ci --out runs/clip_ci --resume
     python -m m3d_lite.train clip --scale small --data DATA --out OUT --max-steps 200 --set learning_rate=5e-4
+    python -m m3d_lite.train align --scale ci --data /tmp/phantom_ci --vision runs/clip_ci --out runs/align_ci
 
 On 8 GPUs (DeepSpeed ZeRO-2, bf16; ``batch_size`` of the preset is per GPU):
 
     accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_deepspeed.yaml \\
         -m m3d_lite.train clip --scale paper --data /data/M3D --out runs/clip_paper
+    accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_deepspeed.yaml \\
+        -m m3d_lite.train align --scale paper --data /data/M3D --vision runs/clip_paper --out runs/align_paper
 
 Exit status 0 on success, 2 on a usage or data error (the message says what and where).
 """
@@ -58,22 +61,45 @@ def cmd_clip(args: argparse.Namespace) -> int:
         args.scale, args.data, args.out, max_steps=args.max_steps, resume=args.resume, **overrides
     )
     if PartialState().is_main_process:
-        loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
-        print(f"{result.steps} steps in {result.seconds:.1f} s, final loss {loss}")
-        print(f"metrics: {result.metrics_path}")
+        print_result(result)
         print(f"model: {args.out / 'model'}  vision encoder: {args.out / 'vision_encoder'}")
     return 0
 
 
-def build_parser(prog: str = "python -m m3d_lite.train") -> argparse.ArgumentParser:
-    """The parser of the training entry point, one sub-command per stage (reused by ``m3d-lite train``)."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def cmd_align(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from m3d_lite.train.align import train_align
+
+    overrides = parse_overrides(args.set)
+    result = train_align(
+        args.scale,
+        args.data,
+        args.vision,
+        args.out,
+        llm=args.llm,
+        max_steps=args.max_steps,
+        resume=args.resume,
+        **overrides,
     )
-    stages = parser.add_subparsers(dest="stage", required=True)
-    p = stages.add_parser("clip", help="stage 0: pretrain M3D-CLIP on M3D-Cap image-report pairs")
+    if PartialState().is_main_process:
+        print_result(result)
+        print(f"model: {args.out / 'model'}")
+    return 0
+
+
+def print_result(result: Any) -> None:
+    """One line on the run (steps, time, final loss) and where its metrics are."""
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    print(f"{result.steps} steps in {result.seconds:.1f} s, final loss {loss}")
+    print(f"metrics: {result.metrics_path}")
+
+
+def add_stage(stages: Any, name: str, help: str, data_help: str) -> argparse.ArgumentParser:
+    """A stage sub-command with the options every stage has: scale, data, out, steps, resume, --set."""
+    p = stages.add_parser(name, help=help)
     p.add_argument("--scale", choices=SCALES, default="ci")
-    p.add_argument("--data", required=True, type=Path, help="dataset root holding M3D_Cap/")
+    p.add_argument("--data", required=True, type=Path, help=data_help)
     p.add_argument("--out", required=True, type=Path, help="run folder: checkpoints/, metrics.jsonl, model/")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -84,7 +110,36 @@ def build_parser(prog: str = "python -m m3d_lite.train") -> argparse.ArgumentPar
         metavar="KEY=VALUE",
         help="override a preset value, e.g. learning_rate=5e-4 or hidden_size=32 (repeatable)",
     )
+    return p
+
+
+def build_parser(prog: str = "python -m m3d_lite.train") -> argparse.ArgumentParser:
+    """The parser of the training entry point, one sub-command per stage (reused by ``m3d-lite train``)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    stages = parser.add_subparsers(dest="stage", required=True)
+    p = add_stage(
+        stages,
+        "clip",
+        "stage 0: pretrain M3D-CLIP on M3D-Cap image-report pairs",
+        "dataset root holding M3D_Cap/",
+    )
     p.set_defaults(func=cmd_clip)
+    p = add_stage(
+        stages,
+        "align",
+        "stage 1: align the projector (LLM and vision encoder frozen) on captions + VQA",
+        "dataset root holding M3D_Cap/ and M3D_VQA/",
+    )
+    p.add_argument(
+        "--vision",
+        required=True,
+        type=Path,
+        help="stage-0 vision encoder: a run folder of `clip` (holding vision_encoder/) or that folder",
+    )
+    p.add_argument("--llm", default=None, help="LLM name, Hub id or folder (default: the preset's)")
+    p.set_defaults(func=cmd_align)
     return parser
 
 

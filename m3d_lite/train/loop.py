@@ -20,14 +20,13 @@ writes it on the main process into a folder that appears whole or not at all.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from m3d_lite.config import TrainConfig
-from m3d_lite.io import save_json, save_text
+from m3d_lite.io import atomic_dir, save_json, save_text
 
 logger = get_logger(__name__)
 
@@ -162,28 +161,6 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, position: Position)
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; it replaces ``path`` only if the block succeeds.
-
-    A reader never sees a half-written folder: at worst, for an instant, no folder (the old one is moved
-    aside before the new one is renamed into place).
-    """
-    target = Path(path)
-    tmp, old = target.parent / f".tmp_{target.name}", target.parent / f".old_{target.name}"
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_artifact(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
