@@ -22,7 +22,6 @@ from m3d_lite.data.datasets import (
     trim_report,
 )
 from m3d_lite.data.formats import DatasetError
-from m3d_lite.data.phantom_dataset import write_phantom_dataset
 
 LONG_REPORT = (
     "Axial CT of the abdomen in the portal venous phase. The liver enhances homogeneously. "
@@ -36,10 +35,8 @@ def sentences(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    write_phantom_dataset(root, num_volumes=8, scale="ci", seed=0, progress=False)
-    return root
+def root(phantom8):
+    return phantom8
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from m3d_lite.data.datasets import (
     read_report,
 )
 from m3d_lite.data.formats import VQA_COLUMNS, DatasetError, read_vqa_csv
-from m3d_lite.data.phantom_dataset import write_phantom_dataset
 from m3d_lite.data.text import CAPTION_PROMPTS
 from m3d_lite.models.pretrained import load_llm_tokenizer
 from m3d_lite.models.tokenizer import IMAGE_TOKEN, add_m3d_tokens
@@ -28,10 +27,8 @@ MAX_LENGTH = 512  # room for every phantom report: trimming is tested on its own
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    write_phantom_dataset(root, num_volumes=8, scale="ci", seed=0, progress=False)
-    return root
+def root(phantom8):
+    return phantom8
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from transformers import AutoTokenizer
 
 from m3d_lite import viz
 from m3d_lite.data.datasets import CapDataset
-from m3d_lite.data.phantom_dataset import write_phantom_dataset
 from m3d_lite.eval.retrieval import evaluate_retrieval, recall_at_k, retrieval_ranks, sample_pool
 
 
@@ -41,10 +40,8 @@ class StandInEncoder(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    write_phantom_dataset(root, num_volumes=8, scale="ci", seed=0, progress=False)
-    return root
+def root(phantom8):
+    return phantom8
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from accelerate.utils import set_seed
 
 from m3d_lite.config import TrainConfig
 from m3d_lite.data.datasets import InstructCollator
-from m3d_lite.data.phantom_dataset import write_phantom_dataset
 from m3d_lite.models.lamed import build_lamed, load_lamed
 from m3d_lite.models.tokenizer import M3D_TOKENS, encode_prompts
 from m3d_lite.models.vision import VisionConfig, ViT3D, save_vision_encoder
@@ -22,10 +21,8 @@ STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    write_phantom_dataset(root, num_volumes=8, scale="ci", seed=0, progress=False)
-    return root
+def root(phantom8):
+    return phantom8
 
 
 @pytest.fixture(scope="module")
