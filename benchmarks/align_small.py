@@ -21,18 +21,15 @@ import textwrap
 import time
 from pathlib import Path
 
-import torch
-
 from m3d_lite.config import DataConfig
-from m3d_lite.data.datasets import CaptionDataset, read_report
+from m3d_lite.data.datasets import CaptionDataset, load_volume_tensor, read_report
 from m3d_lite.data.phantom_dataset import ensure_phantom_dataset
+from m3d_lite.infer import generate_answers
 from m3d_lite.models.lamed import load_lamed
-from m3d_lite.models.tokenizer import encode_prompts
 from m3d_lite.train.align import train_align
 from m3d_lite.viz import save_figure, training_curves
 
 
-@torch.no_grad()
 def captions(model_dir: Path, data_dir: Path, count: int, max_new_tokens: int) -> list[tuple[str, str]]:
     """(generated, reference) reports of the first ``count`` test volumes, greedy decoding."""
     model, tokenizer = load_lamed(model_dir)
@@ -40,13 +37,11 @@ def captions(model_dir: Path, data_dir: Path, count: int, max_new_tokens: int) -
     dataset = CaptionDataset(data_dir, "test", tokenizer, config.proj_out_num, config.model_max_length)
     pairs = []
     for i in range(min(count, len(dataset))):
-        item = dataset[i]
-        prompt = encode_prompts(tokenizer, [item["question"]], config.proj_out_num, config.chat_template)
-        new = model.generate(
-            images=item["images"][None], **prompt, max_new_tokens=max_new_tokens, do_sample=False
+        image_path, question, _ = dataset.example(i)
+        [generated] = generate_answers(
+            model, tokenizer, load_volume_tensor(image_path)[None], [question], max_new_tokens
         )
-        reference = read_report(dataset.folder / dataset.items[i].text)
-        pairs.append((tokenizer.decode(new[0], skip_special_tokens=True).strip(), reference))
+        pairs.append((generated, read_report(dataset.folder / dataset.items[i].text)))
     return pairs
 
 

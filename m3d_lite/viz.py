@@ -16,6 +16,7 @@ import base64
 import io
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,44 @@ def montage(
         ax.set_title(f"{list(PLANES)[axis]} {index}", fontsize="small")
     for ax in axes[count:]:
         fig.delaxes(ax)
+    _legend(fig, named_masks, named_boxes)
+    if title:
+        fig.suptitle(title)
+    plt.close(fig)
+    return fig
+
+
+def volume_with_text(
+    volume: Any,
+    texts: Mapping[str, str],
+    masks: Masks = None,
+    boxes: Boxes = None,
+    num_slices: int = 4,
+    title: str | None = None,
+    width: int = 100,
+    ax_size: float = 2.0,
+) -> Figure:
+    """A row of ``num_slices`` axial slices (with ``masks`` and ``boxes``, as :func:`montage`) above labelled
+    texts (``{"question": ..., "generated": ..., "reference": ...}``), each wrapped at ``width`` characters:
+    what a model said about a volume, next to the volume."""
+    array, spacing = _volume_array(volume)
+    named_masks, named_boxes = _named_masks(masks, array.shape), _named_boxes(boxes)
+    lines = []
+    for label, text in texts.items():
+        lines += textwrap.wrap(f"{label}: {text}", width, subsequent_indent="    ") or [f"{label}:"]
+    count = min(num_slices, array.shape[0])
+    slice_height = ax_size * _panel_ratio(array.shape, spacing, 0)
+    text_height = 0.17 * len(lines) + 0.2
+    fig = plt.figure(figsize=(max(count * ax_size, width * 0.075), slice_height + text_height + 0.6))
+    grid = fig.add_gridspec(2, count, height_ratios=[slice_height, text_height], hspace=0.05)
+    display = _display_range(array, None)
+    for column, index in enumerate(((np.arange(count) + 0.5) * array.shape[0] / count).astype(int)):
+        ax = fig.add_subplot(grid[0, column])
+        _draw_slice(ax, array, 0, int(index), display, spacing, named_masks, named_boxes)
+        ax.set_title(f"axial {index}", fontsize="small")
+    text_ax = fig.add_subplot(grid[1, :])
+    text_ax.set_axis_off()
+    text_ax.text(0, 1, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8)
     _legend(fig, named_masks, named_boxes)
     if title:
         fig.suptitle(title)

@@ -10,6 +10,7 @@ from m3d_lite.models import (
     VisionConfig,
     build_projector,
 )
+from m3d_lite.models.projector import spatial_pool
 
 
 @pytest.mark.parametrize(
@@ -64,3 +65,12 @@ def test_bad_settings_and_inputs_are_named():
         ProjectorConfig(projector_type="qformer")
     with pytest.raises(ValueError, match=r"expected 512 patch tokens \(grid \(8, 8, 8\)\), got 513"):
         SpatialPoolingProjector(8, 8, (8, 8, 8))(torch.randn(1, 513, 8))  # the CLS was not dropped
+
+
+def test_spatial_pool_averages_blocks_in_raster_order():
+    tokens = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 32, 1)  # grid (2, 4, 4), value = index
+    pooled = spatial_pool(tokens, (2, 4, 4), 2)
+    # block (0, 0, 0) holds indices {0, 1, 4, 5, 16, 17, 20, 21}; blocks run with w fastest
+    assert pooled.flatten().tolist() == [10.5, 12.5, 18.5, 20.5]
+    with pytest.raises(ValueError, match=r"expected 32 patch tokens \(grid \(2, 4, 4\)\), got 31"):
+        spatial_pool(tokens[:, 1:], (2, 4, 4), 2)

@@ -14,7 +14,7 @@ from m3d_lite.models import (
     resize_with_mean_init,
 )
 from m3d_lite.models.pretrained import SMOLLM2_VOCAB, load_llm, load_llm_tokenizer, tiny_llm_config
-from m3d_lite.models.tokenizer import M3D_TOKENS, encode_prompt
+from m3d_lite.models.tokenizer import M3D_TOKENS, encode_prompt, join_prompt_answer
 
 NUM_IMAGE_TOKENS = 8
 QUESTION = "What is the abnormality in the liver?"
@@ -138,3 +138,11 @@ def test_prompt_batches_are_left_padded(tokenizer):
     )
     assert batch["attention_mask"].tolist() == [[0] * (width - short) + [1] * short, [1] * width]
     assert (batch["input_ids"][0, : width - short] == tokenizer.pad_token_id).all()
+
+
+def test_join_prompt_answer_masks_the_prompt_and_cuts_the_answer_tail():
+    joined = join_prompt_answer([1, 7, 7, 3], [20, 21, 2], max_length=6)
+    assert joined["input_ids"].tolist() == [1, 7, 7, 3, 20, 21]
+    assert joined["labels"].tolist() == [-100, -100, -100, -100, 20, 21]
+    with pytest.raises(ValueError, match="the prompt alone is 4 tokens .* max_length is 4"):
+        join_prompt_answer([1, 7, 7, 3], [20], max_length=4)

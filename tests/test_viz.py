@@ -110,3 +110,15 @@ def test_training_curves_plots_each_key_from_a_metrics_file(tmp_path):
     assert list(eval_line.get_ydata()) == [40.0]
     with pytest.raises(ValueError, match="no record has 'acc'"):
         training_curves(records, keys=("acc",))
+
+
+def test_volume_with_text_shows_slices_boxes_and_every_text(volume, cube):
+    box = [6 / D, 8 / H, 10 / W, 11 / D, 19 / H, 29 / W]
+    texts = {"question": "Where is the cube?", "generated": "word " * 60, "reference": "In the middle."}
+    fig = viz.volume_with_text(volume, texts, masks={"cube": cube}, boxes={"box": box}, num_slices=4)
+    slices = [ax for ax in fig.axes if ax.images]
+    assert len(slices) == 4 and sum(len(rectangles(ax)) for ax in slices) >= 1
+    [text_ax] = [ax for ax in fig.axes if not ax.images]
+    shown = text_ax.texts[0].get_text()
+    assert shown.startswith("question: Where is the cube?") and "reference: In the middle." in shown
+    assert max(len(line) for line in shown.splitlines()) <= 100  # wrapped

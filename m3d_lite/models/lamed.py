@@ -187,8 +187,7 @@ class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
                 )
         if images is None:
             return embeds
-        features = self.encode_images(images).to(embeds.dtype)
-        return embeds.masked_scatter(is_image.unsqueeze(-1), features)
+        return splice_image_features(embeds, is_image, self.encode_images(images))
 
     def forward(
         self,
@@ -225,6 +224,15 @@ class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
         return self.language_model.generate(
             inputs_embeds=self.embed_inputs(input_ids, images), attention_mask=attention_mask, **kwargs
         )
+
+
+def splice_image_features(
+    embeds: torch.Tensor, is_image: torch.Tensor, features: torch.Tensor
+) -> torch.Tensor:
+    """B x L x E token embeddings with the positions where ``is_image`` (B x L) is True replaced, in order,
+    by the rows of ``features`` (B x K x E, K = image positions per row): a new tensor, gradients flow to
+    both. Position-free: the image tokens may sit anywhere (after a chat header, behind left padding)."""
+    return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
 
 
 def split_overrides(overrides: dict[str, Any], sections: dict[str, set[str]]) -> dict[str, dict[str, Any]]:

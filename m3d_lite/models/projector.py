@@ -67,6 +67,18 @@ def pooled_grid(grid: tuple[int, ...], pooling_size: int) -> tuple[int, ...]:
     return tuple(side // pooling_size for side in grid)
 
 
+def spatial_pool(tokens: torch.Tensor, grid: tuple[int, int, int], pooling_size: int) -> torch.Tensor:
+    """B x N x C patch tokens on a ``grid`` (N = d*h*w, raster order, D slowest) -> B x N' x C tokens of the
+    grid average-pooled by ``pooling_size`` in every direction, in the same raster order."""
+    batch, num, channels = tokens.shape
+    if num != math.prod(grid):
+        raise ValueError(f"expected {math.prod(grid)} patch tokens (grid {tuple(grid)}), got {num}")
+    volume = tokens.transpose(1, 2).reshape(batch, channels, *grid)
+    # pooled in float32: PyTorch has no bf16 avg_pool3d on CPU, and a float32 mean is exact enough anyway
+    pooled = F.avg_pool3d(volume.float(), kernel_size=pooling_size, stride=pooling_size)
+    return pooled.to(tokens.dtype).flatten(2).transpose(1, 2)
+
+
 def token_layers(in_dim: int, out_dim: int, layer_type: str) -> nn.Sequential:
     """The token-wise map to the LLM width: Linear-GELU-Linear ("mlp", M3D's) or one Linear ("linear")."""
     if layer_type == "mlp":
@@ -92,13 +104,7 @@ class SpatialPoolingProjector(nn.Module):
         self.projector = token_layers(in_dim, out_dim, layer_type)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, num, channels = tokens.shape
-        if num != math.prod(self.grid):
-            raise ValueError(f"expected {math.prod(self.grid)} patch tokens (grid {self.grid}), got {num}")
-        volume = tokens.transpose(1, 2).reshape(batch, channels, *self.grid)
-        # pooled in float32: PyTorch has no bf16 avg_pool3d on CPU, and a float32 mean is exact enough anyway
-        pooled = F.avg_pool3d(volume.float(), kernel_size=self.pooling_size, stride=self.pooling_size)
-        return self.projector(pooled.to(tokens.dtype).flatten(2).transpose(1, 2))
+        return self.projector(spatial_pool(tokens, self.grid, self.pooling_size))
 
 
 class LinearProjector(nn.Linear):

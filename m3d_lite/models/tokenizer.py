@@ -121,15 +121,25 @@ def encode_example(
     prompt_ids = encode_prompt(tokenizer, question, num_image_tokens, chat_template)
     answer_text = answer if uses_chat_template(tokenizer, chat_template) else " " + answer  # M3D: q + " " + a
     answer_ids = tokenizer(answer_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return join_prompt_answer(prompt_ids, answer_ids, max_length)
+
+
+def join_prompt_answer(
+    prompt_ids: list[int], answer_ids: list[int], max_length: int
+) -> dict[str, torch.Tensor]:
+    """``input_ids`` = prompt + answer cut to ``max_length`` (the answer loses its tail, the prompt and its
+    image tokens stay whole); ``labels`` = the same ids with every prompt position set to -100, so that the
+    loss is only on the answer (with its EOS, when it survived the cut).
+    """
     room = max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(
-            f"the prompt alone is {len(prompt_ids)} tokens ({num_image_tokens} image tokens + question + "
-            f"template), max_length is {max_length}: raise max_length or shorten the question"
+            f"the prompt alone is {len(prompt_ids)} tokens (image tokens + question + template), max_length "
+            f"is {max_length}: raise max_length or shorten the question"
         )
-    answer_ids = answer_ids[:room]
+    answer_ids = list(answer_ids)[:room]
     return {
-        "input_ids": torch.tensor(prompt_ids + answer_ids),
+        "input_ids": torch.tensor(list(prompt_ids) + answer_ids),
         "labels": torch.tensor([IGNORE_INDEX] * len(prompt_ids) + answer_ids),
     }
 
