@@ -6,7 +6,7 @@ instruction data, (volume, question, answer) encoded for a causal LM: report gen
 and mixed by :func:`mix_datasets`. All share the small loaders (:func:`load_volume_tensor`,
 :func:`read_report`, :func:`trim_report`).
 Every item is a function of (seed, index) alone, so a dataset gives the same item whenever it is asked,
-in any process and any epoch.
+in any process and any epoch; that holds for M3D's training augmentation too (``augment=True``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from m3d_lite.data.augment import train_augmentation
 from m3d_lite.data.formats import VQA_FILES, CapItem, DatasetError, read_cap_json, read_vqa_csv
 from m3d_lite.data.text import (
     LETTERS,
@@ -174,6 +175,12 @@ class ClipCollator:
 
 # --------------------------------------------------------------------------------------------
 # Instruction data for the LLM stages: (volume, question, answer) encoded as a causal-LM example.
+def augmentation_seed(*entropy: int) -> int:
+    """A 32-bit seed for MONAI's random transforms from ``entropy`` (e.g. seed, index): a stream apart from
+    ``np.random.default_rng(entropy)``, so that augmenting does not change an item's text choices."""
+    return int(np.random.SeedSequence(list(entropy), spawn_key=(1,)).generate_state(1)[0])
+
+
 class InstructDataset(Dataset):
     """Base of the instruction datasets: item ``index`` is a volume, a question and an answer.
 
@@ -183,14 +190,23 @@ class InstructDataset(Dataset):
     question as the prompt (labels -100), the answer and EOS as the target, at most ``max_length`` tokens
     with the image tokens never cut; in the LLM's chat template unless ``chat_template=False`` (M3D's raw
     format). An item is ``{"images": float32 1 x D x H x W, "input_ids", "labels": LongTensors (unpadded),
-    "question", "answer": str, "image_path": str}``.
+    "question", "answer": str, "image_path": str}``. ``augment=True`` (training) passes the volume through
+    M3D's :func:`~m3d_lite.data.augment.train_augmentation`, seeded by (seed, index): an item is still the
+    same on every call, so each item keeps one augmented view for the whole run (augmentation varies
+    across items, not across epochs).
     """
 
     def __init__(
-        self, tokenizer: Any, num_image_tokens: int, max_length: int, seed: int, chat_template: bool
+        self,
+        tokenizer: Any,
+        num_image_tokens: int,
+        max_length: int,
+        seed: int,
+        chat_template: bool,
+        augment: bool = False,
     ):
         self.tokenizer, self.num_image_tokens, self.max_length = tokenizer, num_image_tokens, max_length
-        self.seed, self.chat_template = seed, chat_template
+        self.seed, self.chat_template, self.augment = seed, chat_template, augment
 
     def encode(self, question: str, answer: str) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``labels`` of one (question, answer) pair (see the class docstring)."""
@@ -212,6 +228,14 @@ class InstructDataset(Dataset):
             images = load_volume_tensor(image_path)
         except FileNotFoundError as error:
             raise FileNotFoundError(f"{self.source(index)}: {error}") from None
+        if self.augment:
+            images = train_augmentation(seed=augmentation_seed(self.seed, index))({"image": images})["image"]
+        return self.instruct_item(images, question, answer, image_path)
+
+    def instruct_item(
+        self, images: torch.Tensor, question: str, answer: str, image_path: Path
+    ) -> dict[str, Any]:
+        """The item of a volume, a question and an answer (see the class docstring)."""
         return {
             "images": images,
             **self.encode(question, answer),
@@ -243,8 +267,9 @@ class CaptionDataset(InstructDataset):
         max_length: int,
         seed: int = 0,
         chat_template: bool = True,
+        augment: bool = False,
     ):
-        super().__init__(tokenizer, num_image_tokens, max_length, seed, chat_template)
+        super().__init__(tokenizer, num_image_tokens, max_length, seed, chat_template, augment)
         self.folder, self.items = cap_split(data_root, split)
         self.split = split
 
@@ -268,8 +293,7 @@ class VQADataset(InstructDataset):
 
     ``closed=True``: M3D's closed-ended form, ``question + " Choices: A. a B. b C. c D. d"`` -> ``"A. a"``;
     ``closed=False``: the question alone -> the answer text. M3D uses every row twice, once in each form:
-    build one dataset of each. ``seed`` is unused (no random choice here) and kept so that every
-    instruction dataset takes the same arguments.
+    build one dataset of each. ``seed`` only seeds the augmentation (the texts hold no random choice).
     """
 
     def __init__(
@@ -282,8 +306,9 @@ class VQADataset(InstructDataset):
         closed: bool = True,
         seed: int = 0,
         chat_template: bool = True,
+        augment: bool = False,
     ):
-        super().__init__(tokenizer, num_image_tokens, max_length, seed, chat_template)
+        super().__init__(tokenizer, num_image_tokens, max_length, seed, chat_template, augment)
         if split not in VQA_FILES:
             raise DatasetError(f"no M3D-VQA split {split!r}; expected one of {sorted(VQA_FILES)}")
         self.csv_path = Path(data_root) / "M3D_VQA" / VQA_FILES[split]

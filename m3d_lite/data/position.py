@@ -1,0 +1,242 @@
+"""REC and REG instruction data on M3D-Seg: M3D's ``MultiPosDataset`` (M3D_FACTS 2.3-2.5).
+
+Referring expression comprehension (REC) asks for a class, by name or by a definition, and is answered
+with its box; referring expression generation (REG) gives a box and is answered with the class (and a
+definition). Both read every (image, class mask) pair of the M3D-Seg layout
+(``data_root/M3D_Seg/<code>/<code>.json``, classes named by ``M3D_Seg/dataset_info.json``), so M3D's 4
+samples per pair are :func:`position_datasets`: REC and REG, each by class name and by description. A
+class absent from the image (M3D's 1 x 1 x 1 x 1 negative mask) is asked for with an REC question and
+answered "there is no ...". The box is :func:`~m3d_lite.data.formats.mask_to_box` of the mask after the
+augmentation, so it always matches the image the model sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from m3d_lite.data.augment import train_augmentation
+from m3d_lite.data.datasets import InstructDataset, augmentation_seed, load_volume_tensor
+from m3d_lite.data.formats import (
+    NEGATIVE_MASK_SHAPE,
+    SEG_SPLITS,
+    DatasetError,
+    box_to_text,
+    mask_to_box,
+    read_seg_dataset,
+)
+from m3d_lite.data.text import (
+    TERM_DICTIONARY,
+    negative_answer,
+    rec_answer,
+    rec_question,
+    reg_answer,
+    reg_question,
+)
+
+
+@dataclass(frozen=True)
+class SegPair:
+    """One (image, class mask) pair of an M3D-Seg split: where it is listed, its files and its class."""
+
+    json_path: Path
+    split: str
+    entry: int
+    image: Path
+    mask: Path
+    class_name: str
+
+
+def seg_pairs(data_root: str | os.PathLike, split: str) -> list[SegPair]:
+    """Every (image, class mask) pair of ``split`` over the codes of ``M3D_Seg/dataset_info.json``."""
+    if split not in SEG_SPLITS:
+        raise DatasetError(f"no M3D-Seg split {split!r}; expected one of {list(SEG_SPLITS)}")
+    folder = Path(data_root) / "M3D_Seg"
+    info_path = folder / "dataset_info.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(
+            f"{info_path}: file not found; data_root must be the dataset root that holds M3D_Seg/ "
+            "(e.g. the --out folder of `m3d-lite data phantom`)"
+        )
+    pairs = []
+    for code, class_names in json.loads(info_path.read_text(encoding="utf-8")).items():
+        json_path = folder / code / f"{code}.json"
+        if not json_path.is_file():
+            raise DatasetError(
+                f"{info_path}: lists code {code!r} but {json_path} does not exist; prepare that code or "
+                "remove it from dataset_info.json"
+            )
+        for entry, item in enumerate(read_seg_dataset(json_path).splits.get(split, [])):
+            if item.class_index >= len(class_names):
+                raise DatasetError(
+                    f"{json_path}: {split}[{entry}] {item.label} has class index {item.class_index}, but "
+                    f"{info_path} lists {len(class_names)} classes for code {code!r}"
+                )
+            name = class_names[item.class_index]
+            pairs.append(SegPair(json_path, split, entry, folder / item.image, folder / item.label, name))
+    if not pairs:
+        raise DatasetError(f"{info_path}: no (image, mask) pair in split {split!r} of any code")
+    return pairs
+
+
+def class_definitions(data_root: str | os.PathLike, class_names: set[str]) -> dict[str, list[str]]:
+    """Definitions of ``class_names`` from ``M3D_Seg/term_dictionary.json`` (M3D's term_dict), or from
+    :data:`~m3d_lite.data.text.TERM_DICTIONARY` when the root has none."""
+    path = Path(data_root) / "M3D_Seg" / "term_dictionary.json"
+    terms = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else TERM_DICTIONARY
+    missing = sorted(name for name in class_names if not terms.get(name))
+    if missing:
+        where = path if path.is_file() else "m3d_lite.data.text.TERM_DICTIONARY"
+        raise DatasetError(
+            f"{where}: no definitions for classes {missing}; description prompts need one each"
+        )
+    return {name: terms[name] for name in class_names}
+
+
+def load_class_mask(pair: SegPair, image_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The bool mask of ``pair`` (1 x D x H x W, the image's shape), or None for M3D's negative mask."""
+    if not pair.mask.is_file():
+        raise FileNotFoundError(f"{pair.mask}: mask file not found")
+    mask = np.load(pair.mask, allow_pickle=False)
+    if mask.shape == NEGATIVE_MASK_SHAPE:
+        return None
+    if mask.shape != image_shape:
+        raise DatasetError(
+            f"{pair.mask}: mask shape {mask.shape} differs from the shape {image_shape} of its image "
+            f"{pair.image}; expected the image's shape or {NEGATIVE_MASK_SHAPE} for an absent class"
+        )
+    return torch.from_numpy(mask.astype(bool))
+
+
+class PositionDataset(InstructDataset):
+    """Base of REC and REG: item ``index`` is pair ``index`` of :func:`seg_pairs`, asked about by class name,
+    or by a definition of the class when ``description``.
+
+    An item is :class:`~m3d_lite.data.datasets.InstructDataset`'s plus ``"class_name"`` and ``"box"``,
+    the ground-truth box as a float32 tensor of 6 numbers (NaN for an absent class), for evaluation;
+    ``InstructCollator`` leaves both out of the batch. Phrasings and definitions are drawn with a generator
+    seeded by (seed, index, task), and ``augment=True`` rotates and flips image and mask together with
+    M3D's augmentation seeded the same way: an item is identical on every call, and the 4 samples of a
+    pair differ in wording and augmentation.
+    """
+
+    task = 0  # keeps the random streams of REC and REG apart on the same pairs
+
+    def __init__(
+        self,
+        data_root: str | os.PathLike,
+        split: str,
+        tokenizer: Any,
+        num_image_tokens: int,
+        max_length: int,
+        description: bool = False,
+        seed: int = 0,
+        chat_template: bool = True,
+        augment: bool = False,
+    ):
+        super().__init__(tokenizer, num_image_tokens, max_length, seed, chat_template, augment)
+        self.pairs = seg_pairs(data_root, split)
+        self.description = description
+        names = {pair.class_name for pair in self.pairs}
+        self.definitions = class_definitions(data_root, names) if description else {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def source(self, index: int) -> str:
+        pair = self.pairs[index]
+        return f"{pair.json_path}: {pair.split}[{pair.entry}]"
+
+    def texts(self, name: str, box_text: str | None, rng: np.random.Generator) -> tuple[str, str]:
+        """(question, answer) about class ``name`` whose box is ``box_text`` (None: absent)."""
+        raise NotImplementedError
+
+    def definition(self, name: str, rng: np.random.Generator) -> str:
+        """One definition of class ``name``, drawn with ``rng``."""
+        options = self.definitions[name]
+        return options[rng.integers(len(options))]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self.pairs[index]
+        try:
+            images = load_volume_tensor(pair.image)
+            mask = load_class_mask(pair, tuple(images.shape))
+        except (FileNotFoundError, DatasetError) as error:
+            raise type(error)(f"{self.source(index)}: {error}") from None
+        entropy = (self.seed, index, 1 + 2 * self.task + self.description)
+        if self.augment:
+            arrays = {"image": images} if mask is None else {"image": images, "mask": mask}
+            mask_key = None if mask is None else "mask"
+            arrays = train_augmentation(mask_key=mask_key, seed=augmentation_seed(*entropy))(arrays)
+            images, mask = arrays["image"], arrays.get("mask")
+        box = None if mask is None else mask_to_box(mask.numpy(), name=str(pair.mask))
+        box_text = None if box is None else box_to_text(box)
+        question, answer = self.texts(pair.class_name, box_text, np.random.default_rng(entropy))
+        return {
+            **self.instruct_item(images, question, answer, pair.image),
+            "class_name": pair.class_name,
+            "box": torch.tensor([math.nan] * 6 if box is None else box, dtype=torch.float32),
+        }
+
+
+class RECDataset(PositionDataset):
+    """REC: "where is the <class>?" (or a definition of it) -> an answer holding its box."""
+
+    def texts(self, name: str, box_text: str | None, rng: np.random.Generator) -> tuple[str, str]:
+        target = self.definition(name, rng) if self.description else name
+        question = rec_question(target, rng, description=self.description)
+        if box_text is None:
+            return question, negative_answer(name, rng)
+        return question, rec_answer(box_text, name, rng, description=self.description)
+
+
+class REGDataset(PositionDataset):
+    """REG: "what is in <box>?" -> the class (and a definition when ``description``); an absent class is
+    asked for with an REC question, as M3D does, and answered "there is no ..."."""
+
+    task = 1
+
+    def texts(self, name: str, box_text: str | None, rng: np.random.Generator) -> tuple[str, str]:
+        definition = self.definition(name, rng) if self.description else None
+        if box_text is None:
+            question = rec_question(definition or name, rng, description=self.description)
+            return question, negative_answer(name, rng)
+        return reg_question(box_text, rng), reg_answer(name, rng, definition)
+
+
+def position_datasets(
+    data_root: str | os.PathLike,
+    split: str,
+    tokenizer: Any,
+    num_image_tokens: int,
+    max_length: int,
+    seed: int = 0,
+    chat_template: bool = True,
+    augment: bool = False,
+) -> list[Dataset]:
+    """M3D's MultiPosDataset as 4 datasets over every M3D-Seg code: REC and REG, each by class name and by
+    description, so 4 samples per (image, class mask) pair. Hand them to
+    :func:`~m3d_lite.data.datasets.mix_datasets` with the captions and VQA."""
+    return [
+        cls(
+            data_root,
+            split,
+            tokenizer,
+            num_image_tokens,
+            max_length,
+            description,
+            seed,
+            chat_template,
+            augment,
+        )
+        for cls in (RECDataset, REGDataset)
+        for description in (False, True)
+    ]
