@@ -1,17 +1,23 @@
-"""Ask a LaMed model about volumes: batched prompts in, decoded answers out.
+"""Ask a LaMed model about volumes: a scan file or tensors in, decoded answers (and boxes) out.
 
 The one place where questions become prompts for ``generate`` and new tokens become text; notebooks,
-benchmarks and the evaluation call it instead of repeating those steps.
+benchmarks, ``m3d-lite infer`` and the evaluation call it instead of repeating those steps.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from m3d_lite.data.formats import parse_box
+from m3d_lite.data.preprocess import PreparedVolume, Volume, Window, prepare_file
 from m3d_lite.models.lamed import LaMedForCausalLM
 from m3d_lite.models.tokenizer import encode_prompts
 
@@ -46,3 +52,79 @@ def generate_answers(
     )
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=skip_special_tokens)
     return [text.strip() for text in texts]
+
+
+@dataclass
+class ScanInput:
+    """A scan ready for the model: ``image`` 1 x D x H x W in [0, 1] at the model's size, and, for a file
+    that was prepared here, the loaded ``volume`` and the ``prepared`` crop (to map masks back to it)."""
+
+    image: torch.Tensor
+    source: str
+    volume: Volume | None = None
+    prepared: PreparedVolume | None = None
+
+
+def is_prepared_npy(path: Path, image_size: Sequence[int]) -> bool:
+    """Whether ``path`` is already in M3D's prepared format: a float ``.npy`` of 1 x ``image_size``."""
+    if path.suffix != ".npy":
+        return False
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return array.shape == (1, *image_size) and np.issubdtype(array.dtype, np.floating)
+
+
+def load_scan(path: str | os.PathLike, image_size: Sequence[int], window: Window = None) -> ScanInput:
+    """``path`` as the model's input. A prepared ``.npy`` (1 x ``image_size``, float, [0, 1], what the
+    datasets hold) is used as it is; anything else (NIfTI, DICOM file or series folder, nrrd, mha, a raw
+    ``.npy``) goes through :func:`~m3d_lite.data.preprocess.prepare_file` with ``window`` (a CT window name
+    or (lower, upper) in HU; None: min..max, right for MRI and for already scaled arrays)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: scan not found")
+    if path.is_file() and is_prepared_npy(path, image_size):
+        image = np.load(path, allow_pickle=False).astype(np.float32)
+        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise ValueError(
+                f"{path}: a prepared volume must hold finite values in [0, 1], got "
+                f"{np.nanmin(image):.3g}..{np.nanmax(image):.3g} (NaN: {bool(np.isnan(image).any())})"
+            )
+        return ScanInput(torch.from_numpy(image), str(path))
+    prepared, volume = prepare_file(path, tuple(image_size), window)
+    return ScanInput(torch.from_numpy(prepared.image), str(path), volume, prepared)
+
+
+@dataclass
+class Answer:
+    """A model's ``text`` to ``question`` about the scan ``source``; ``box`` is the first box in the text,
+    M3D's normalised [d0, h0, w0, d1, h1, w1] (None when the answer holds none)."""
+
+    source: str
+    question: str
+    text: str
+    box: tuple[float, ...] | None
+
+
+def ask(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    scan: ScanInput,
+    question: str,
+    max_new_tokens: int = 128,
+    **generate_kwargs: Any,
+) -> Answer:
+    """Ask ``question`` about ``scan`` (see :func:`load_scan`); the answer keeps its box tokens."""
+    expected = tuple(model.config.vision_config.image_size)
+    if tuple(scan.image.shape[1:]) != expected or scan.image.shape[0] != 1:
+        raise ValueError(f"{scan.source}: image {tuple(scan.image.shape)}, the model expects 1 x {expected}")
+    [text] = generate_answers(
+        model,
+        tokenizer,
+        scan.image[None],
+        [question],
+        max_new_tokens,
+        skip_special_tokens=False,
+        **generate_kwargs,
+    )
+    for token in (tokenizer.eos_token, tokenizer.pad_token):
+        text = text.replace(token, "") if token else text
+    return Answer(scan.source, question, text.strip(), parse_box(text))

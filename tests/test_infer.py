@@ -1,9 +1,12 @@
-"""generate_answers: the decoded text of LaMed's own generate, batched and left-padded, greedy by default."""
+"""Inference: decoded greedy answers of LaMed's own generate, scans prepared from files, boxes parsed."""
 
+import numpy as np
 import pytest
 import torch
 
-from m3d_lite.infer import generate_answers
+from m3d_lite.data.datasets import load_volume_tensor
+from m3d_lite.data.formats import parse_box
+from m3d_lite.infer import Answer, ScanInput, ask, generate_answers, load_scan
 from m3d_lite.models import build_lamed, encode_prompts
 
 QUESTIONS = ["Describe the scan.", "Which organ holds the lesion?"]
@@ -32,3 +35,39 @@ def test_images_and_questions_must_match(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(ValueError, match=r"B x 1 x D x H x W with B = 2 questions, got \(1, 1, 32, 64, 64\)"):
         generate_answers(model, tokenizer, torch.rand(1, 1, 32, 64, 64), QUESTIONS)
+
+
+def test_load_scan_uses_prepared_npy_as_is_and_prepares_a_nifti(phantom8, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    size = model.config.vision_config.image_size
+    npy = next((phantom8 / "M3D_Cap").rglob("*.npy"))
+    prepared = load_scan(npy, size)
+    assert prepared.volume is None and torch.equal(prepared.image, load_volume_tensor(npy))
+    nifti = load_scan(phantom8 / "raw" / "phantom_00000" / "ct.nii.gz", size, window="soft tissue")
+    assert nifti.image.shape == (1, *size) and 0 <= nifti.image.min() and nifti.image.max() <= 1
+    assert nifti.volume is not None and nifti.prepared.crop_box is not None  # what maps a mask back
+    answer = ask(model, tokenizer, nifti, "Where is the liver? Please output the box.", max_new_tokens=4)
+    [text] = generate_answers(model, tokenizer, nifti.image[None], [answer.question], max_new_tokens=4)
+    assert answer.text == text and answer.box is None  # a random LLM writes no box
+
+
+def test_load_scan_and_ask_name_bad_input(tmp_path, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz: scan not found"):
+        load_scan(tmp_path / "missing.nii.gz", (32, 64, 64))
+    bad = tmp_path / "nan.npy"
+    values = np.full((1, 32, 64, 64), 0.5, dtype=np.float32)
+    values[0, 0, 0, 0] = np.nan
+    np.save(bad, values)
+    with pytest.raises(ValueError, match=r"nan.npy: a prepared volume must hold finite values in \[0, 1\]"):
+        load_scan(bad, (32, 64, 64))
+    wrong = ScanInput(torch.rand(1, 16, 64, 64), "small.npy")
+    with pytest.raises(
+        ValueError, match=r"small.npy: image \(1, 16, 64, 64\), the model expects 1 x \(32, 64, 64\)"
+    ):
+        ask(model, tokenizer, wrong, "Describe the scan.")
+
+
+def test_an_answer_box_is_parsed():
+    text = "Coordinates are <bx_start>[0.125, 0.25, 0.3, 0.5, 0.75, 0.9]<bx_end>."
+    assert Answer("scan", "q", text, parse_box(text)).box == (0.125, 0.25, 0.3, 0.5, 0.75, 0.9)
