@@ -1,4 +1,4 @@
-"""The ``m3d-lite`` command: data, course (and, in later stages, train, bench, infer).
+"""The ``m3d-lite`` command: data, train, export, bench, course.
 
 Every subcommand is a thin shell over a function of the package, so a notebook and the
 command line run the same code. Imports are done inside the handlers to keep ``--help`` fast.
@@ -125,6 +125,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(args.args, prog="m3d-lite train")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from m3d_lite.models.lora import export_merged
+
+    out = export_merged(args.model, args.out)
+    print(f"merged {args.model} -> {out} (read it with m3d_lite.models.load_lamed)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -167,10 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_validate)
 
     p = groups.add_parser(
-        "train", help="train a stage: clip (see `m3d-lite train --help`)", add_help=False, prefix_chars="\0"
+        "train",
+        help="train a stage: clip, align, instruct (see `m3d-lite train --help`)",
+        add_help=False,
+        prefix_chars="\0",
     )
     p.add_argument("args", nargs=argparse.REMAINDER, help="the arguments of `python -m m3d_lite.train`")
     p.set_defaults(func=cmd_train)
+
+    p = groups.add_parser("export", help="merge a stage-2 model's LoRA into a plain checkpoint (safetensors)")
+    p.add_argument("--model", required=True, type=Path, help="an `instruct` run folder or its model/ folder")
+    p.add_argument("--out", required=True, type=Path, help="folder of the merged model and its tokenizer")
+    p.set_defaults(func=cmd_export)
 
     p = groups.add_parser("bench", help="evaluate a trained model on M3D-Bench tasks; writes bench.json")
     p.add_argument("--model", required=True, type=Path, help="a run folder (with model/) or a model folder")

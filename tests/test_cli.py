@@ -27,7 +27,7 @@ def test_console_script_is_installed_and_lists_its_groups():
     out = subprocess.run(
         [Path(sys.executable).parent / "m3d-lite", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "data" in out and "course" in out
+    assert "data" in out and "course" in out and "export" in out
 
 
 def test_phantom_then_validate_passes(phantom_root, capsys):

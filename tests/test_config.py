@@ -2,7 +2,8 @@
 
 import pytest
 
-from m3d_lite.config import SCALES, DataConfig
+from m3d_lite.config import SCALES, DataConfig, TrainConfig
+from m3d_lite.models.lora import LoraSettings
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -21,3 +22,17 @@ def test_unknown_key_and_scale_are_named():
         DataConfig.from_scale("ci", num_volume=3)
     with pytest.raises(ValueError, match="unknown scale 'huge'"):
         DataConfig.from_scale("huge")
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_every_scale_has_stage2_sections(scale):
+    assert LoraSettings.from_scale(scale).r > 0
+    assert TrainConfig.from_scale(scale, "instruct").weight_decay == 0.0
+
+
+def test_paper_stage2_is_m3ds():
+    """M3D_FACTS 2.1: LoRA r 16, alpha 32, dropout 0.05; Phi-3 finetune 5 epochs, 8 per GPU, lr 5e-5, bf16."""
+    assert LoraSettings.from_scale("paper") == LoraSettings(r=16, alpha=32, dropout=0.05)
+    cfg = TrainConfig.from_scale("paper", "instruct")
+    assert (cfg.epochs, cfg.batch_size, cfg.learning_rate, cfg.warmup_ratio) == (5, 8, 5e-5, 0.03)
+    assert cfg.mixed_precision == "bf16"

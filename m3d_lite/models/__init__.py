@@ -1,5 +1,6 @@
 """Models: the 3D ViT and its tower (vision), M3D-CLIP (clip), the projector (projector), M3D's tokens and
-prompts (tokenizer), the LaMed multimodal LLM (lamed), and finding pretrained weights (pretrained).
+prompts (tokenizer), the LaMed multimodal LLM (lamed), LoRA on its LLM (lora), and finding pretrained weights
+(pretrained).
 
 Importing this package registers ``m3d_vit``, ``m3d_clip`` and ``lamed`` with transformers' Auto classes,
 so ``AutoModel.from_pretrained(folder)`` reads a saved M3D-CLIP and
@@ -22,6 +23,15 @@ from m3d_lite.models.lamed import (
     build_lamed,
     load_lamed,
     save_lamed,
+)
+from m3d_lite.models.lora import (
+    LoraSettings,
+    apply_lora,
+    export_merged,
+    load_lamed_lora,
+    lora_targets,
+    merge_lora,
+    save_lamed_lora,
 )
 from m3d_lite.models.pretrained import (
     PretrainedNotFoundError,
@@ -65,6 +75,7 @@ __all__ = [
     "LaMedConfig",
     "LaMedForCausalLM",
     "LinearProjector",
+    "LoraSettings",
     "M3DClipConfig",
     "M3DClipModel",
     "M3DClipOutput",
@@ -76,6 +87,7 @@ __all__ = [
     "VisionConfig",
     "VisionTower",
     "add_m3d_tokens",
+    "apply_lora",
     "build_clip",
     "build_lamed",
     "build_projector",
@@ -83,17 +95,22 @@ __all__ = [
     "clip_loss",
     "encode_example",
     "encode_prompts",
+    "export_merged",
     "load_clip",
     "load_lamed",
+    "load_lamed_lora",
     "load_llm",
     "load_llm_tokenizer",
     "load_text_tokenizer",
     "load_vision_encoder",
+    "lora_targets",
+    "merge_lora",
     "patchify",
     "resize_with_mean_init",
     "resolve_llm",
     "resolve_pretrained",
     "save_clip",
     "save_lamed",
+    "save_lamed_lora",
     "save_vision_encoder",
 ]

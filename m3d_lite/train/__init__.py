@@ -1,6 +1,7 @@
 """Training: one shared accelerate loop (``loop.train``) and one entry point per stage.
 
-Stage 0 is ``clip.train_clip``, stage 1 ``align.train_align``. Run a stage from a notebook with
+Stage 0 is ``clip.train_clip``, stage 1 ``align.train_align``, stage 2 ``instruct.train_instruct``. Run a
+stage from a notebook with
 ``from m3d_lite.train import train_clip`` or from a shell with ``python -m m3d_lite.train clip ...``
 (see ``__main__.py``). The names below are imported on first use,
 so that ``python -m m3d_lite.train --help`` and ``m3d-lite --help`` do not wait for torch and accelerate.
@@ -15,6 +16,7 @@ _HOMES = {
     "train": "loop",
     "train_align": "align",
     "train_clip": "clip",
+    "train_instruct": "instruct",
 }
 
 __all__ = sorted(_HOMES)

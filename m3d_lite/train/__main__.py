@@ -6,6 +6,8 @@ On a laptop (one CPU process; ``--set`` overrides any preset value of the stage 
     python -m m3d_lite.train clip --scale ci --data /tmp/phantom_ci --out runs/clip_ci --resume
     python -m m3d_lite.train clip --scale small --data DATA --out OUT --max-steps 200 --set learning_rate=5e-4
     python -m m3d_lite.train align --scale ci --data /tmp/phantom_ci --vision runs/clip_ci --out runs/align_ci
+    python -m m3d_lite.train instruct --scale ci --data /tmp/phantom_ci --model runs/align_ci \\
+        --out runs/instruct_ci
 
 On 8 GPUs (DeepSpeed ZeRO-2, bf16; ``batch_size`` of the preset is per GPU):
 
@@ -13,6 +15,12 @@ On 8 GPUs (DeepSpeed ZeRO-2, bf16; ``batch_size`` of the preset is per GPU):
         -m m3d_lite.train clip --scale paper --data /data/M3D --out runs/clip_paper
     accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_deepspeed.yaml \\
         -m m3d_lite.train align --scale paper --data /data/M3D --vision runs/clip_paper --out runs/align_paper
+    accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_deepspeed.yaml \\
+        -m m3d_lite.train instruct --scale paper --data /data/M3D --model runs/align_paper \\
+        --out runs/instruct_paper
+
+A stage-2 run saves its model as LaMed weights + LoRA adapter; `m3d-lite export --model runs/instruct_ci
+--out DIR` merges them into one plain checkpoint.
 
 Exit status 0 on success, 2 on a usage or data error (the message says what and where).
 """
@@ -88,6 +96,21 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_instruct(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from m3d_lite.train.instruct import train_instruct
+
+    overrides = parse_overrides(args.set)
+    result = train_instruct(
+        args.scale, args.data, args.model, args.out, max_steps=args.max_steps, resume=args.resume, **overrides
+    )
+    if PartialState().is_main_process:
+        print_result(result)
+        print(f"model: {args.out / 'model'} (base/ + adapter/; merge it with `m3d-lite export`)")
+    return 0
+
+
 def print_result(result: Any) -> None:
     """One line on the run (steps, time, final loss) and where its metrics are."""
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
@@ -140,6 +163,19 @@ def build_parser(prog: str = "python -m m3d_lite.train") -> argparse.ArgumentPar
     )
     p.add_argument("--llm", default=None, help="LLM name, Hub id or folder (default: the preset's)")
     p.set_defaults(func=cmd_align)
+    p = add_stage(
+        stages,
+        "instruct",
+        "stage 2: LoRA instruction tuning on captions, VQA, REC and REG (LLM under LoRA, the rest trained)",
+        "dataset root holding M3D_Cap/, M3D_VQA/ and M3D_Seg/",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="stage-1 model: a run folder of `align` (holding model/) or that model/ folder",
+    )
+    p.set_defaults(func=cmd_instruct)
     return parser
 
 

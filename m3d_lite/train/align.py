@@ -63,11 +63,13 @@ def alignment_data(
     chat_template: bool = True,
     seed: int = 0,
     weights: Sequence[float] | None = None,
+    augment: bool = False,
 ) -> Dataset:
     """M3D's stage-1 data: captions, closed VQA and open VQA of ``split`` (each VQA row twice), mixed by
-    :func:`~m3d_lite.data.datasets.mix_datasets` (``weights=None``: in proportion to their sizes)."""
+    :func:`~m3d_lite.data.datasets.mix_datasets` (``weights=None``: in proportion to their sizes);
+    ``augment=True``: M3D's training augmentation of the volumes (stage 2; M3D's stage 1 has none)."""
     args = (data_dir, split, tokenizer, num_image_tokens, max_length)
-    common = {"seed": seed, "chat_template": chat_template}
+    common = {"seed": seed, "chat_template": chat_template, "augment": augment}
     tasks = [
         CaptionDataset(*args, **common),
         VQADataset(*args, closed=True, **common),
