@@ -1,4 +1,4 @@
-"""The ``m3d-lite`` command: data, train, export, bench, course.
+"""The ``m3d-lite`` command: data, train, export, infer, bench, course.
 
 Every subcommand is a thin shell over a function of the package, so a notebook and the
 command line run the same code. Imports are done inside the handlers to keep ``--help`` fast.
@@ -133,6 +133,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    from m3d_lite.data.preprocess import window_from_args
+    from m3d_lite.infer import ask, load_model, load_scan
+    from m3d_lite.viz import save_figure, volume_with_text
+
+    model, tokenizer = load_model(args.model)
+    scan = load_scan(args.image, model.config.vision_config.image_size, window_from_args(args.window))
+    answer = ask(model, tokenizer, scan, args.question, max_new_tokens=args.max_new_tokens)
+    print(answer.text)
+    if answer.box is not None:
+        print(f"box [d0, h0, w0, d1, h1, w1] (fractions of the prepared volume): {list(answer.box)}")
+        texts = {"question": answer.question, "answer": answer.text}
+        picture = Path(args.out) / f"{Path(args.image).name.split('.')[0] or 'scan'}_answer.png"
+        save_figure(volume_with_text(scan.image, texts, boxes={"answer": answer.box}, num_slices=8), picture)
+        print(f"box drawn on the volume: {picture}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -187,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, help="an `instruct` run folder or its model/ folder")
     p.add_argument("--out", required=True, type=Path, help="folder of the merged model and its tokenizer")
     p.set_defaults(func=cmd_export)
+
+    p = groups.add_parser("infer", help="ask a trained model a question about a scan (NIfTI, DICOM, npy)")
+    p.add_argument("--model", required=True, type=Path, help="stage-1/2 run or model folder, or an export")
+    p.add_argument("--image", required=True, type=Path, help="NIfTI, DICOM file or series folder, nrrd, npy")
+    p.add_argument("--question", required=True)
+    p.add_argument("--window", nargs="+", metavar="LO HI | NAME", help="CT window, e.g. -160 240 or 'bone'")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for the picture of a box answer")
+    p.set_defaults(func=cmd_infer)
 
     p = groups.add_parser("bench", help="evaluate a trained model on M3D-Bench tasks; writes bench.json")
     p.add_argument("--model", required=True, type=Path, help="a run folder (with model/) or a model folder")

@@ -18,8 +18,22 @@ from transformers import PreTrainedTokenizerBase
 
 from m3d_lite.data.formats import parse_box
 from m3d_lite.data.preprocess import PreparedVolume, Volume, Window, prepare_file
-from m3d_lite.models.lamed import LaMedForCausalLM
+from m3d_lite.models.lamed import LaMedForCausalLM, load_lamed
+from m3d_lite.models.lora import ADAPTER_DIR, find_model_dir, load_lamed_lora, merge_lora
 from m3d_lite.models.tokenizer import encode_prompts
+
+
+def load_model(path: str | os.PathLike, **kwargs: Any) -> tuple[LaMedForCausalLM, PreTrainedTokenizerBase]:
+    """Any trained LaMed for inference, in eval mode: a stage-2 LoRA folder (``base/`` + ``adapter/``, or
+    the run folder holding it as ``model/``) is merged on load; a plain LaMed folder (stage 1, an export,
+    a converted checkpoint; or its run folder) is read as it is. ``kwargs`` go to ``from_pretrained``."""
+    folder = Path(path)
+    if (folder / ADAPTER_DIR).is_dir() or (folder / "model" / ADAPTER_DIR).is_dir():
+        model, tokenizer = load_lamed_lora(folder, **kwargs)
+        return merge_lora(model).eval(), tokenizer
+    folder = find_model_dir(folder, "config.json", "a LaMed model folder (stage 1, stage 2 or an export)")
+    model, tokenizer = load_lamed(folder, **kwargs)
+    return model.eval(), tokenizer
 
 
 @torch.no_grad()

@@ -1,13 +1,17 @@
 """Inference: decoded greedy answers of LaMed's own generate, scans prepared from files, boxes parsed."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
+from m3d_lite.cli import main
 from m3d_lite.data.datasets import load_volume_tensor
 from m3d_lite.data.formats import parse_box
-from m3d_lite.infer import Answer, ScanInput, ask, generate_answers, load_scan
-from m3d_lite.models import build_lamed, encode_prompts
+from m3d_lite.infer import Answer, ScanInput, ask, generate_answers, load_model, load_scan
+from m3d_lite.models import build_lamed, encode_prompts, save_lamed
+from m3d_lite.models.lora import LoraSettings, apply_lora, save_lamed_lora
 
 QUESTIONS = ["Describe the scan.", "Which organ holds the lesion?"]
 
@@ -71,3 +75,60 @@ def test_load_scan_and_ask_name_bad_input(tmp_path, model_and_tokenizer):
 def test_an_answer_box_is_parsed():
     text = "Coordinates are <bx_start>[0.125, 0.25, 0.3, 0.5, 0.75, 0.9]<bx_end>."
     assert Answer("scan", "q", text, parse_box(text)).box == (0.125, 0.25, 0.3, 0.5, 0.75, 0.9)
+
+
+@pytest.fixture(scope="module")
+def saved_models(model_and_tokenizer, tmp_path_factory):
+    """The fixture model as a plain LaMed folder and, with a non-zero LoRA adapter, as a stage-2 run."""
+    model, tokenizer = model_and_tokenizer
+    root = tmp_path_factory.mktemp("models")
+    save_lamed(model, tokenizer, root / "plain")
+    torch.manual_seed(1)
+    wrapped = apply_lora(copy.deepcopy(model), LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, weight in wrapped.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.1)  # B = 0 would make the adapter a no-op
+    save_lamed_lora(wrapped, tokenizer, root / "run" / "model")
+    return root, wrapped
+
+
+def test_load_model_reads_plain_folders_and_merges_lora_runs(saved_models, model_and_tokenizer):
+    root, wrapped = saved_models
+    model, _ = model_and_tokenizer
+    images = torch.rand(1, 1, 32, 64, 64, generator=torch.Generator().manual_seed(2))
+    input_ids = torch.tensor([[1] + [model.config.image_token_id] * model.config.proj_out_num + [5, 6]])
+    plain, _ = load_model(root / "plain")
+    merged, _ = load_model(root / "run")  # the run folder; its model/ holds base/ + adapter/
+    with torch.no_grad():
+        assert torch.equal(plain(images=images, input_ids=input_ids).logits, model(images, input_ids).logits)
+        expected = wrapped.eval()(images=images, input_ids=input_ids).logits
+        torch.testing.assert_close(
+            merged(images=images, input_ids=input_ids).logits, expected, atol=1e-5, rtol=0
+        )
+    assert not merged.training and type(merged).__name__ == "LaMedForCausalLM"
+
+
+def test_infer_command_prints_the_answer_and_draws_a_box(
+    saved_models, phantom8, tmp_path, monkeypatch, capsys
+):
+    root, _ = saved_models
+    scan = phantom8 / "raw" / "phantom_00000" / "ct.nii.gz"
+    argv = [
+        "infer",
+        "--model",
+        str(root / "plain"),
+        "--image",
+        str(scan),
+        "--question",
+        "Where is the liver?",
+    ]
+    assert main([*argv, "--window", "soft tissue", "--max-new-tokens", "3", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip()  # the (random) model's answer
+    box_text = "Sure, the bounding box is <bx_start>[0.1, 0.2, 0.3, 0.6, 0.7, 0.8]<bx_end>."
+    monkeypatch.setattr("m3d_lite.infer.generate_answers", lambda *args, **kwargs: [box_text])
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[0.1, 0.2, 0.3, 0.6, 0.7, 0.8]" in out and (tmp_path / "ct_answer.png").stat().st_size > 0
+    assert main(["infer", "--model", str(tmp_path / "none"), "--image", str(scan), "--question", "?"]) == 2
+    assert "none: no config.json in it nor in its model/" in capsys.readouterr().err
