@@ -1,0 +1,95 @@
+"""Stage 2 at the small scale on the phantom: instruction-tune the stage-1 model, then evaluate it.
+
+    .venv/bin/python benchmarks/instruct_small.py --data ~/.cache/m3d_lite/phantom_small \\
+        --align runs/align_small --out runs/instruct_small
+
+Trains with the ``small`` preset (``--max-steps`` to shorten it; ``--scale ci`` for a quick dry run on a
+ci phantom), saves the loss curve as ``OUT/loss.png``, reloads the trained model as inference does
+(:func:`m3d_lite.infer.load_model`: LoRA merged) and evaluates the first ``--limit`` test samples of
+closed VQA (per question type), open VQA, report generation and REC (:mod:`m3d_lite.eval.tasks`). Writes
+each task's per-sample rows as ``OUT/eval_<task>.csv`` and everything printed as ``OUT/summary.json``:
+training steps, time, time per step, first and final logged loss, peak memory (max RSS of this process),
+evaluation time and the task summaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from m3d_lite.eval.tasks import (
+    evaluate_closed_vqa,
+    evaluate_open_vqa,
+    evaluate_rec,
+    evaluate_reports,
+    write_rows_csv,
+)
+from m3d_lite.infer import load_model
+from m3d_lite.io import save_json
+from m3d_lite.train.instruct import train_instruct
+from m3d_lite.viz import save_figure, training_curves
+
+TASKS = (evaluate_closed_vqa, evaluate_open_vqa, evaluate_reports, evaluate_rec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, required=True, help="phantom root (the one stage 1 used)")
+    parser.add_argument("--align", type=Path, required=True, help="stage-1 run folder or its model/")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--scale", default="small", help="preset of training (ci: a quick dry run)")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=100, help="test samples per task for evaluation")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size of the evaluation's decoding")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue (or just evaluate) the run in --out, e.g. one trained by "
+        "`m3d-lite train instruct` with the same settings",
+    )
+    args = parser.parse_args()
+
+    result = train_instruct(
+        args.scale, args.data, args.align, args.out, max_steps=args.max_steps, resume=args.resume
+    )
+    title = f"stage 2 ({args.scale})"
+    curve = save_figure(training_curves(result.metrics_path, title=title), args.out / "loss.png")
+    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    summary = {
+        "train_steps": result.steps,
+        "train_seconds": round(result.seconds, 1),
+        "seconds_per_step": round(result.seconds / result.steps, 2),
+        "first_logged_loss": records[0]["loss"],
+        "final_loss": result.final_loss,
+    }
+    del result  # frees the trained model: it is evaluated as inference loads it
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.out)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    evaluations = {}
+    for evaluate in TASKS:
+        task = evaluate(model, tokenizer, args.data, "test", limit=args.limit, batch_size=args.batch_size)
+        write_rows_csv(task, args.out / f"eval_{task.task}.csv")
+        evaluations[task.task] = {name: round(value, 4) for name, value in task.summary.items()}
+    summary |= {
+        "eval_seconds": round(time.perf_counter() - start, 1),
+        "eval_samples_per_task": args.limit,
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "loss_curve": str(curve),
+        "tasks": evaluations,
+    }
+    save_json(args.out / "summary.json", summary)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""M3D-Bench's generative tasks for a LaMed model: closed VQA, open VQA, report generation and REC.
+
+Each ``evaluate_*`` answers the first ``limit`` samples of a split (deterministic, all when None) by
+batched greedy decoding (:func:`m3d_lite.infer.generate_answers`; M3D decodes one sample at a time), scores
+every answer (:mod:`m3d_lite.eval.metrics`, :mod:`m3d_lite.eval.boxes`) and returns a :class:`TaskResult`:
+per-sample rows, as M3D's CSVs, and the means M3D leaves to be computed offline. Text scores are M3D's
+BLEU-1 and ROUGE-1 plus the standard ROUGE-L (and corpus BLEU-4 for reports); where M3D's rule for a score
+differs from the standard one (closed-VQA correctness, box IoU) both are kept, M3D's labelled ``_m3d``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from m3d_lite.data.datasets import CaptionDataset, InstructDataset, VQADataset, read_report
+from m3d_lite.data.formats import NEGATIVE_MASK_SHAPE, QUESTION_TYPES, box_in_range, parse_box
+from m3d_lite.data.position import RECDataset, SegPair
+from m3d_lite.eval.boxes import accuracy_at, box_iou, m3d_box_iou
+from m3d_lite.eval.metrics import (
+    bleu1_m3d,
+    closed_vqa_correct_exact,
+    closed_vqa_correct_m3d,
+    corpus_bleu4,
+    rouge1,
+    rouge_l,
+)
+from m3d_lite.infer import generate_answers
+from m3d_lite.io import save_csv
+from m3d_lite.models.lamed import LaMedForCausalLM
+
+
+@dataclass
+class TaskResult:
+    """One task's per-sample ``rows`` (dicts with the same keys) and ``summary`` means, in [0, 1]."""
+
+    task: str
+    rows: list[dict[str, Any]]
+    summary: dict[str, float]
+
+
+def write_rows_csv(result: TaskResult, path: str | os.PathLike) -> Path:
+    """Save ``result.rows`` as CSV atomically, one column per row key (a missing box is an empty cell)."""
+    return save_csv(path, result.rows, list(result.rows[0]) if result.rows else [])
+
+
+def predict(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: InstructDataset,
+    indices: Sequence[int],
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str,
+    progress: bool,
+) -> list[tuple[dict[str, Any], str]]:
+    """(item, greedy answer to its ``"question"`` about its ``"images"``) for the ``indices`` of ``dataset``,
+    read and answered ``batch_size`` at a time; the items come back without their volume and tokens."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    items = (dataset[i] for i in indices)
+    results = []
+    with tqdm(total=len(indices), desc=desc, unit="sample", disable=not progress) as bar:
+        while batch := list(islice(items, batch_size)):
+            images = torch.stack([item["images"] for item in batch])
+            answers = generate_answers(
+                model, tokenizer, images, [item["question"] for item in batch], max_new_tokens
+            )
+            kept = (
+                {k: v for k, v in item.items() if k not in ("images", "input_ids", "labels")}
+                for item in batch
+            )
+            results.extend(zip(kept, answers, strict=True))
+            bar.update(len(batch))
+    if not results:
+        raise ValueError(f"{desc}: no sample to evaluate (empty split, or limit 0)")
+    return results
+
+
+def head(count: int, limit: int | None) -> range:
+    """Positions of the first ``limit`` of ``count`` samples (all when None)."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None (all samples) or at least 0, got {limit}")
+    return range(count if limit is None else min(limit, count))
+
+
+def is_positive(pair: SegPair) -> bool:
+    """Whether the class of ``pair`` is in its image: its mask is not M3D's 1 x 1 x 1 x 1 negative (only
+    the .npy header is read)."""
+    return np.load(pair.mask, mmap_mode="r", allow_pickle=False).shape != NEGATIVE_MASK_SHAPE
+
+
+def mean(rows: list[dict[str, Any]], key: str) -> float:
+    """Mean of ``row[key]`` over ``rows`` (a flag counts as 0 or 1)."""
+    return sum(float(row[key]) for row in rows) / len(rows)
+
+
+def means_by_type(rows: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, float]:
+    """Mean of each of ``keys`` over ``rows`` (``"key"``), and per question type (``"key/plane"``, ..., for
+    the types present, in :data:`~m3d_lite.data.formats.QUESTION_TYPES` order)."""
+    summary = {}
+    for key in keys:
+        summary[key] = mean(rows, key)
+        for name in QUESTION_TYPES.values():
+            of_type = [row for row in rows if row["question_type"] == name]
+            if of_type:
+                summary[f"{key}/{name}"] = mean(of_type, key)
+    return summary
+
+
+def text_scores(prediction: str, reference: str) -> dict[str, float]:
+    """M3D's BLEU-1 and ROUGE-1 and the standard ROUGE-L of one answer."""
+    return {
+        "bleu1": bleu1_m3d(prediction, reference),
+        "rouge1": rouge1(prediction, reference),
+        "rouge_l": rouge_l(prediction, reference),
+    }
+
+
+def evaluate_vqa(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: str | os.PathLike,
+    split: str,
+    limit: int | None,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+    closed: bool,
+    score: Callable[[str, Any], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Rows of the closed (or open) VQA questions of ``split``: type name, question, prediction, answer,
+    then ``score(prediction, VQAItem)``."""
+    config = model.config
+    dataset = VQADataset(data_dir, split, tokenizer, config.proj_out_num, config.model_max_length, closed)
+    desc = f"{'closed' if closed else 'open'} VQA ({split})"
+    indices = head(len(dataset), limit)
+    answered = predict(model, tokenizer, dataset, indices, batch_size, max_new_tokens, desc, progress)
+    rows = []
+    for i, (item, prediction) in enumerate(answered):
+        vqa = dataset.item(i)
+        rows.append(
+            {
+                "image": item["image_path"],
+                "question_type": QUESTION_TYPES[vqa.question_type],
+                "question": item["question"],
+                "prediction": prediction,
+                "answer": item["answer"],
+                **score(prediction, vqa),
+            }
+        )
+    return rows
+
+
+def evaluate_closed_vqa(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    progress: bool = True,
+) -> TaskResult:
+    """Closed-ended VQA ("... Choices: A. a B. b C. c D. d" -> "A. a") on the first ``limit`` rows of
+    ``split``. Rows: image, question_type (name), question, prediction, answer, correct_m3d, correct_exact;
+    summary: ``accuracy_m3d`` (M3D's "letter." anywhere) and ``accuracy_exact`` (the answer is the right
+    choice), overall and per question type (``accuracy_m3d/plane``, ...)."""
+
+    def score(prediction: str, vqa: Any) -> dict[str, bool]:
+        return {
+            "correct_m3d": closed_vqa_correct_m3d(prediction, vqa.answer_letter, vqa.answer),
+            "correct_exact": closed_vqa_correct_exact(prediction, vqa.answer_letter, vqa.answer),
+        }
+
+    rows = evaluate_vqa(
+        model, tokenizer, data_dir, split, limit, batch_size, max_new_tokens, progress, True, score
+    )
+    summary = means_by_type(rows, ("correct_m3d", "correct_exact"))
+    summary = {key.replace("correct", "accuracy", 1): value for key, value in summary.items()}
+    return TaskResult("closed_vqa", rows, summary)
+
+
+def evaluate_open_vqa(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> TaskResult:
+    """Open-ended VQA (the question alone -> the text of the right choice) on the first ``limit`` rows of
+    ``split``. Rows: image, question_type, question, prediction, answer, bleu1, rouge1, rouge_l; summary:
+    their means, overall and per question type (``bleu1/plane``, ...)."""
+    rows = evaluate_vqa(
+        model,
+        tokenizer,
+        data_dir,
+        split,
+        limit,
+        batch_size,
+        max_new_tokens,
+        progress,
+        False,
+        lambda prediction, vqa: text_scores(prediction, vqa.answer),
+    )
+    return TaskResult("open_vqa", rows, means_by_type(rows, ("bleu1", "rouge1", "rouge_l")))
+
+
+def evaluate_reports(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+) -> TaskResult:
+    """Report generation on the first ``limit`` M3D-Cap volumes of ``split``, each asked with its seeded
+    caption prompt. The reference is the FULL report, as in M3D, not the copy trimmed to the training
+    length. Rows: image, question, prediction, answer, bleu1, rouge1, rouge_l; summary: their means and
+    ``corpus_bleu4`` (standard, over all rows)."""
+    config = model.config
+    dataset = CaptionDataset(data_dir, split, tokenizer, config.proj_out_num, config.model_max_length)
+    indices = head(len(dataset), limit)
+    answered = predict(
+        model, tokenizer, dataset, indices, batch_size, max_new_tokens, f"reports ({split})", progress
+    )
+    rows = []
+    for i, (item, prediction) in enumerate(answered):
+        report = read_report(dataset.folder / dataset.items[i].text)
+        rows.append(
+            {
+                "image": item["image_path"],
+                "question": item["question"],
+                "prediction": prediction,
+                "answer": report,
+                **text_scores(prediction, report),
+            }
+        )
+    summary = {key: mean(rows, key) for key in ("bleu1", "rouge1", "rouge_l")}
+    summary["corpus_bleu4"] = corpus_bleu4([r["prediction"] for r in rows], [r["answer"] for r in rows])
+    return TaskResult("reports", rows, summary)
+
+
+def evaluate_rec(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> TaskResult:
+    """REC by class name ("where is the liver?") on the first ``limit`` POSITIVE (image, class) pairs of
+    M3D-Seg ``split``: pairs whose class is absent (no box to find) are skipped. M3D also asks by
+    description; that is not evaluated here.
+
+    The box is the first ``[6 numbers]`` of the answer: the ``<bx_start>``/``<bx_end>`` tokens are special
+    and decoded away, the numbers and brackets remain. Rows: image, class_name, question, prediction,
+    answer, box (None when no valid box: none parsed, or outside [0, 1], or a start after its end),
+    target_box, iou (true 3D IoU, 0 without a box), iou_m3d (M3D's enclosing-box ratio, -1 without a box
+    as in M3D's CSV). Summary: ``iou`` (mean true IoU), ``acc@0.5`` (share with true IoU >= 0.5),
+    ``iou_m3d`` (mean of M3D's ratio counting a missing box as 0, not -1) and ``box_found``.
+    """
+    config = model.config
+    dataset = RECDataset(data_dir, split, tokenizer, config.proj_out_num, config.model_max_length)
+    positives = [i for i, pair in enumerate(dataset.pairs) if is_positive(pair)]
+    indices = [positives[i] for i in head(len(positives), limit)]
+    answered = predict(
+        model, tokenizer, dataset, indices, batch_size, max_new_tokens, f"REC ({split})", progress
+    )
+    rows = []
+    for item, prediction in answered:
+        target = [round(v, 6) for v in item["box"].tolist()]  # float32 noise off the CSV
+        box = parse_box(prediction)
+        box = list(box) if box_in_range(box) else None
+        rows.append(
+            {
+                "image": item["image_path"],
+                "class_name": item["class_name"],
+                "question": item["question"],
+                "prediction": prediction,
+                "answer": item["answer"],
+                "box": box,
+                "target_box": target,
+                "iou": 0.0 if box is None else box_iou(box, target),
+                "iou_m3d": -1.0 if box is None else m3d_box_iou(box, target),
+            }
+        )
+    summary = {
+        "iou": mean(rows, "iou"),
+        "acc@0.5": accuracy_at([row["iou"] for row in rows], 0.5),
+        "iou_m3d": sum(max(row["iou_m3d"], 0.0) for row in rows) / len(rows),
+        "box_found": sum(row["box"] is not None for row in rows) / len(rows),
+    }
+    return TaskResult("rec", rows, summary)
