@@ -27,8 +27,11 @@ reads both, and :func:`export_merged` writes the merged model as a plain LaMed f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,15 @@ def lora_targets(model: LaMedForCausalLM) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence transformers 5's FutureWarning that peft's wrapping triggers on every call (it asks for
+    ``is_gradient_checkpointing``); a message for peft's developers, noise in a course notebook."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def apply_lora(model: LaMedForCausalLM, settings: LoraSettings) -> PeftModel:
     """Wrap ``model`` in a ``PeftModel`` with a fresh LoRA adapter on :func:`lora_targets`.
 
@@ -84,7 +96,8 @@ def apply_lora(model: LaMedForCausalLM, settings: LoraSettings) -> PeftModel:
         target_modules=lora_targets(model),
         bias="none",
     )
-    return get_peft_model(model, config)
+    with quiet_peft():
+        return get_peft_model(model, config)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:
@@ -118,7 +131,8 @@ def load_lamed_lora(path: str | os.PathLike, **kwargs: Any) -> tuple[PeftModel, 
     ``(PeftModel around LaMed, tokenizer)``, frozen; ``kwargs`` go to ``from_pretrained`` (``dtype``, ...)."""
     folder = find_model_dir(path, ADAPTER_DIR, f"a LoRA model folder ({BASE_DIR}/ + {ADAPTER_DIR}/)")
     base, tokenizer = load_lamed(folder / BASE_DIR, **kwargs)
-    return PeftModel.from_pretrained(base, folder / ADAPTER_DIR), tokenizer
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, folder / ADAPTER_DIR), tokenizer
 
 
 def merge_lora(model: PeftModel) -> LaMedForCausalLM:
