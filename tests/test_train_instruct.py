@@ -23,6 +23,7 @@ from m3d_lite.train.__main__ import main
 from m3d_lite.train.align import embedding_weights
 from m3d_lite.train.instruct import (
     INSTRUCTION_TASKS,
+    SEGMENTATION_TASKS,
     instruction_data,
     load_stage1,
     train_instruct,
@@ -95,6 +96,11 @@ def test_instruction_data_mixes_seven_tasks_by_size_or_weight(phantom8):
     only_rec = instruction_data(*args, weights=[0, 0, 0, 1, 1, 0, 0])
     rec_items = range(data.cumulative_sizes[2], data.cumulative_sizes[4])
     assert len(only_rec) == len(data) and set(only_rec.indices) <= set(rec_items)
+    with_seg = instruction_data(*args, segmentation=True)
+    seg_tasks = [type(task).__name__ for task in with_seg.datasets[len(tasks) :]]
+    assert seg_tasks == ["SegTaskDataset", "SegTaskDataset", "RefSegDataset"]
+    assert len(SEGMENTATION_TASKS) == len(seg_tasks)
+    assert with_seg.cumulative_sizes[: len(tasks)] == data.cumulative_sizes  # the first seven stay in place
 
 
 @pytest.mark.parametrize("llm", ["tiny-llama", "tiny-phi3"])  # tied / untied LM head
@@ -172,6 +178,22 @@ def test_saved_model_reloads_and_generates(phantom8, run):
     prompts = encode_prompts(tokenizer, ["Describe the findings of this CT scan."], model.config.proj_out_num)
     new = model.generate(images=batch["images"][:1], **prompts, max_new_tokens=6, do_sample=False)
     assert new.shape[0] == 1 and 1 <= new.shape[1] <= 6
+
+
+def test_stage2_adds_and_trains_a_seg_module_on_seg_tasks(phantom8, stage1, run):
+    model, tokenizer = load_lamed_lora(run.out_dir)
+    base = model.get_base_model()
+    assert load_stage1(stage1)[0].seg_module is None and base.seg_module is not None  # added in stage 2
+    assert json.loads((run.out_dir / "run.json").read_text())["segmentation"] is True
+    config = base.config
+    data = instruction_data(
+        phantom8, "train", tokenizer, config.proj_out_num, config.model_max_length, segmentation=True
+    )
+    refseg = data.datasets[-1]
+    batch = InstructCollator(tokenizer)([refseg[0], refseg[1]])
+    with torch.no_grad():
+        output = model.eval()(**batch)
+    assert output.seg_logits.shape == (2, 1, *config.seg_config.image_size) and output.dice_loss < 1
 
 
 def test_cli_trains_resumes_and_exports(phantom8, stage1, tmp_path, capsys):

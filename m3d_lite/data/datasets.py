@@ -347,15 +347,34 @@ class InstructCollator(ClipCollator):
     attention_mask, plus labels right-padded with -100 (no loss on padding). Padded to the longest item
     of the batch; string fields stay out, so ``model(**batch)`` works. (Batched generation pads on the
     left instead: ``m3d_lite.models.tokenizer.encode_prompts``.)
+
+    When any item holds a ``"seg_mask"`` (segmentation tasks, :mod:`m3d_lite.data.seg_data`), the batch
+    also gets ``"seg_masks"``, B x 1 x D x H x W float, with a zero mask for the other items: as in M3D,
+    the seg loss counts only the rows whose mask is not empty. A batch without any keeps the keys above.
     """
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {
+        batch = {
             **super().__call__(items),
             "labels": pad_sequence(
                 [item["labels"] for item in items], batch_first=True, padding_value=IGNORE_INDEX
             ),
         }
+        if any("seg_mask" in item for item in items):
+            batch["seg_masks"] = torch.stack([seg_mask_of(item) for item in items])
+        return batch
+
+
+def seg_mask_of(item: dict[str, Any]) -> torch.Tensor:
+    """The float seg mask of an instruction item, of its image's shape: zeros when it has none."""
+    if "seg_mask" not in item:
+        return torch.zeros_like(item["images"])
+    if item["seg_mask"].shape != item["images"].shape:
+        raise DatasetError(
+            f"{item.get('image_path', '?')}: seg_mask of shape {tuple(item['seg_mask'].shape)} differs from "
+            f"its image's {tuple(item['images'].shape)}"
+        )
+    return item["seg_mask"].float()
 
 
 def mix_datasets(

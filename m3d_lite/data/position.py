@@ -101,34 +101,49 @@ def class_definitions(data_root: str | os.PathLike, class_names: set[str]) -> di
     return {name: terms[name] for name in class_names}
 
 
+def load_mask(path: Path, image: Path, image_shape: tuple[int, ...], negative_ok: bool = False) -> np.ndarray:
+    """The array of mask file ``path``, checked to have the shape of its ``image`` (or, when ``negative_ok``,
+    M3D's 1 x 1 x 1 x 1 negative shape)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: mask file not found")
+    mask = np.load(path, allow_pickle=False)
+    if mask.shape != image_shape and not (negative_ok and mask.shape == NEGATIVE_MASK_SHAPE):
+        negative = f" or {NEGATIVE_MASK_SHAPE} for an absent class" if negative_ok else ""
+        raise DatasetError(
+            f"{path}: mask shape {mask.shape} differs from the shape {image_shape} of its image "
+            f"{image}; expected the image's shape{negative}"
+        )
+    return mask
+
+
 def load_class_mask(pair: SegPair, image_shape: tuple[int, ...]) -> torch.Tensor | None:
     """The bool mask of ``pair`` (1 x D x H x W, the image's shape), or None for M3D's negative mask."""
-    if not pair.mask.is_file():
-        raise FileNotFoundError(f"{pair.mask}: mask file not found")
-    mask = np.load(pair.mask, allow_pickle=False)
-    if mask.shape == NEGATIVE_MASK_SHAPE:
-        return None
-    if mask.shape != image_shape:
-        raise DatasetError(
-            f"{pair.mask}: mask shape {mask.shape} differs from the shape {image_shape} of its image "
-            f"{pair.image}; expected the image's shape or {NEGATIVE_MASK_SHAPE} for an absent class"
-        )
-    return torch.from_numpy(mask.astype(bool))
+    mask = load_mask(pair.mask, pair.image, image_shape, negative_ok=True)
+    return None if mask.shape == NEGATIVE_MASK_SHAPE else torch.from_numpy(mask.astype(bool))
 
 
-class PositionDataset(InstructDataset):
-    """Base of REC and REG: item ``index`` is pair ``index`` of :func:`seg_pairs`, asked about by class name,
-    or by a definition of the class when ``description``.
+def augment_with_mask(
+    images: torch.Tensor, mask: torch.Tensor | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """M3D's training augmentation of ``images``, rotating and flipping ``mask`` (None: none) with them."""
+    if mask is None:
+        return train_augmentation(seed=seed)({"image": images})["image"], None
+    arrays = train_augmentation(mask_key="mask", seed=seed)({"image": images, "mask": mask})
+    return arrays["image"], arrays["mask"]
 
-    An item is :class:`~m3d_lite.data.datasets.InstructDataset`'s plus ``"class_name"`` and ``"box"``,
-    the ground-truth box as a float32 tensor of 6 numbers (NaN for an absent class), for evaluation;
-    ``InstructCollator`` leaves both out of the batch. Phrasings and definitions are drawn with a generator
-    seeded by (seed, index, task), and ``augment=True`` rotates and flips image and mask together with
-    M3D's augmentation seeded the same way: an item is identical on every call, and the 4 samples of a
-    pair differ in wording and augmentation.
+
+class SegPairDataset(InstructDataset):
+    """Base of the instruction tasks on M3D-Seg (REC and REG here, segmentation in
+    :mod:`m3d_lite.data.seg_data`): item ``index`` is pair ``index`` of :func:`seg_pairs`, asked about by
+    class name, or by a definition of the class when ``description``.
+
+    Phrasings and definitions are drawn with a generator seeded by :meth:`entropy` (seed, index, task),
+    and ``augment=True`` rotates and flips image and mask together with M3D's augmentation seeded the
+    same way (:meth:`volume_and_mask`): an item is identical on every call, and the samples of a pair in
+    different tasks differ in wording and augmentation. A subclass builds the item (``__getitem__``).
     """
 
-    task = 0  # keeps the random streams of REC and REG apart on the same pairs
+    task = 0  # keeps the random streams of the tasks apart on the same pairs (REC 0, REG 1, seg 2)
 
     def __init__(
         self,
@@ -155,31 +170,47 @@ class PositionDataset(InstructDataset):
         pair = self.pairs[index]
         return f"{pair.json_path}: {pair.split}[{pair.entry}]"
 
-    def texts(self, name: str, box_text: str | None, rng: np.random.Generator) -> tuple[str, str]:
-        """(question, answer) about class ``name`` whose box is ``box_text`` (None: absent)."""
-        raise NotImplementedError
+    def entropy(self, index: int) -> tuple[int, int, int]:
+        """What seeds the texts and the augmentation of item ``index``: (seed, index, task and wording)."""
+        return self.seed, index, 1 + 2 * self.task + self.description
 
     def definition(self, name: str, rng: np.random.Generator) -> str:
         """One definition of class ``name``, drawn with ``rng``."""
         options = self.definitions[name]
         return options[rng.integers(len(options))]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def volume_and_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image and bool class mask (None: absent class) of pair ``index``, augmented together when
+        ``augment``; errors name the json entry and the file."""
         pair = self.pairs[index]
         try:
             images = load_volume_tensor(pair.image)
             mask = load_class_mask(pair, tuple(images.shape))
         except (FileNotFoundError, DatasetError) as error:
             raise type(error)(f"{self.source(index)}: {error}") from None
-        entropy = (self.seed, index, 1 + 2 * self.task + self.description)
         if self.augment:
-            arrays = {"image": images} if mask is None else {"image": images, "mask": mask}
-            mask_key = None if mask is None else "mask"
-            arrays = train_augmentation(mask_key=mask_key, seed=augmentation_seed(*entropy))(arrays)
-            images, mask = arrays["image"], arrays.get("mask")
+            images, mask = augment_with_mask(images, mask, augmentation_seed(*self.entropy(index)))
+        return images, mask
+
+
+class PositionDataset(SegPairDataset):
+    """Base of REC and REG: a question and an answer about a class and its box.
+
+    An item is :class:`~m3d_lite.data.datasets.InstructDataset`'s plus ``"class_name"`` and ``"box"``,
+    the ground-truth box as a float32 tensor of 6 numbers (NaN for an absent class), for evaluation;
+    ``InstructCollator`` leaves both out of the batch. The box is that of the mask after augmentation.
+    """
+
+    def texts(self, name: str, box_text: str | None, rng: np.random.Generator) -> tuple[str, str]:
+        """(question, answer) about class ``name`` whose box is ``box_text`` (None: absent)."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self.pairs[index]
+        images, mask = self.volume_and_mask(index)
         box = None if mask is None else mask_to_box(mask.numpy(), name=str(pair.mask))
         box_text = None if box is None else box_to_text(box)
-        question, answer = self.texts(pair.class_name, box_text, np.random.default_rng(entropy))
+        question, answer = self.texts(pair.class_name, box_text, np.random.default_rng(self.entropy(index)))
         return {
             **self.instruct_item(images, question, answer, pair.image),
             "class_name": pair.class_name,

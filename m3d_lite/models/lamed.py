@@ -44,6 +44,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from m3d_lite.config import section_config
 from m3d_lite.models.pretrained import load_llm, load_llm_tokenizer
 from m3d_lite.models.projector import ProjectorConfig, build_projector
+from m3d_lite.models.seg_pathway import generated_seg_states, seg_projector, seg_token_states
+from m3d_lite.models.segmentation import SegConfig, SegModule, seg_losses
 from m3d_lite.models.tokenizer import (
     BOX_END,
     BOX_START,
@@ -68,19 +70,23 @@ class LLMConfig:
 @strict
 class LaMedConfig(PreTrainedConfig):
     """Vision tower (``vision_config``), LLM (``text_config``, any causal LM's config), projector
-    (``projector_config``, a :class:`ProjectorConfig` as dict), the ids of M3D's tokens, the prompt format
-    (``chat_template``) and ``model_max_length``. Defaults are M3D's paper setting (ViT-B/3D + Phi-3-mini).
+    (``projector_config``, a :class:`ProjectorConfig` as dict), the mask decoder (``seg_config``, a
+    :class:`~m3d_lite.models.segmentation.SegConfig`; None: a model without segmentation), the ids of M3D's
+    tokens, the prompt format (``chat_template``) and ``model_max_length``. Defaults are M3D's paper
+    setting (ViT-B/3D + Phi-3-mini).
     """
 
     model_type = "lamed"
     sub_configs_defaults = {
         "vision_config": VisionConfig,
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="phi3"),
+        "seg_config": SubConfigSpec(config_class=SegConfig, optional=True),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     projector_config: dict | None = None
+    seg_config: dict | PreTrainedConfig | None = None
     image_token_id: int | None = None
     box_start_token_id: int | None = None
     box_end_token_id: int | None = None
@@ -104,8 +110,20 @@ class LaMedConfig(PreTrainedConfig):
         return self.projector.out_num(self.vision_config.grid)
 
 
+@dataclasses.dataclass
+class LaMedOutput(CausalLMOutputWithPast):
+    """The LLM's output, plus, when ``seg_masks`` were given: ``seg_logits`` (rows with a mask and a
+    ``[SEG]``, R x 1 x D x H x W), and the parts of ``loss`` = ``lm_loss`` + ``dice_loss`` + ``bce_loss``."""
+
+    seg_logits: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    dice_loss: torch.Tensor | None = None
+    bce_loss: torch.Tensor | None = None
+
+
 class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
-    """``vision_tower`` -> ``mm_projector`` -> image tokens spliced into ``language_model``'s input.
+    """``vision_tower`` -> ``mm_projector`` -> image tokens spliced into ``language_model``'s input; with a
+    ``seg_config``, also ``seg_projector`` -> ``seg_module``: the ``[SEG]`` state becomes a mask.
 
     ``vision_tower`` / ``language_model`` given to the constructor (pretrained) are used as they are;
     missing ones are built from the config (random), as ``from_pretrained`` does before loading weights.
@@ -138,7 +156,26 @@ class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
         else:  # a LaMedConfig built around its config reset its attention choice to None (transformers 5)
             language_model.set_attn_implementation(config._attn_implementation)
         self.language_model = language_model
+        self.seg_projector = self.seg_module = None
+        if config.seg_config is not None:
+            self.build_seg_parts(config.seg_config)
         self.post_init()
+
+    def build_seg_parts(self, seg_config: SegConfig) -> None:
+        """Fresh ``seg_projector`` and ``seg_module`` for ``seg_config``."""
+        self.seg_projector = seg_projector(self.config.text_config.hidden_size, seg_config.embed_dim)
+        self.seg_module = SegModule(seg_config)
+
+    def add_seg_module(self, seg_config: SegConfig) -> None:
+        """Give a model built without segmentation (stage 1) a fresh mask decoder and ``[SEG]`` projector,
+        on its device and in its dtype, and record ``seg_config`` so that it saves and reloads with them.
+        M3D too adds its seg module at stage 2."""
+        if self.seg_module is not None:
+            raise ValueError("this model already has a seg module")
+        self.config.seg_config = seg_config
+        self.build_seg_parts(seg_config)
+        self.seg_projector.to(self.device, self.dtype)
+        self.seg_module.to(self.device, self.dtype)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Keep every part's own initialisation (see ``M3DClipModel._init_weights``): MONAI's for the ViT,
@@ -196,17 +233,38 @@ class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        seg_masks: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> LaMedOutput:
         """The LLM's output on the spliced embeddings; ``loss`` when ``labels`` (-100 = ignored) are given.
 
-        Other keyword arguments (``cache``, ``position_ids``, ``output_hidden_states``, ...) go to the LLM.
+        ``seg_masks`` (B x 1 x D x H x W, all-zero rows: no mask) adds M3D's segmentation loss, Dice + BCE
+        of the masks decoded from the ``[SEG]`` states, on the rows that have a mask and a ``[SEG]``.
+        Other keyword arguments (``cache``, ``position_ids``, ...) go to the LLM.
         """
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, images)
-        return self.language_model(
+        segmenting = seg_masks is not None and bool(seg_masks.flatten(1).any(1).any())
+        if segmenting and self.seg_module is None:
+            raise ValueError("seg_masks were given, but this model has no seg module (seg_config is None)")
+        if segmenting:
+            kwargs["output_hidden_states"] = True
+        output = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )
+        output = LaMedOutput(**output)
+        if not segmenting:
+            return output
+        states, has_seg = seg_token_states(output.hidden_states[-1], input_ids, self.config.seg_token_id)
+        rows = has_seg & seg_masks.flatten(1).any(1)
+        if not rows.any():
+            return output
+        output.seg_logits = self.seg_module(images[rows], self.seg_projector(states[rows]))
+        losses = seg_losses(output.seg_logits, seg_masks[rows].to(output.seg_logits.dtype))
+        output.lm_loss, output.dice_loss, output.bce_loss = output.loss, losses["dice"], losses["bce"]
+        if output.loss is not None:
+            output.loss = output.loss + losses["dice"] + losses["bce"]
+        return output
 
     @torch.no_grad()
     def generate(
@@ -214,16 +272,40 @@ class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
         images: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        seg_enable: bool = False,
         **kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """New token ids (B x new) for LEFT-padded prompts; ``kwargs`` are ``generate``'s (max_new_tokens,
-        do_sample, ...). Defaults: this model's ``generation_config`` (saved with it), lent to the LLM."""
+        do_sample, ...). Defaults: this model's ``generation_config`` (saved with it), lent to the LLM.
+
+        ``seg_enable=True`` returns ``(new ids, seg_logits)``: B x 1 x D x H x W mask logits decoded from
+        the states that generated ``[SEG]`` (the mean when several), ``-inf`` for rows without one.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self.language_model.generation_config = self.generation_config
-        return self.language_model.generate(
-            inputs_embeds=self.embed_inputs(input_ids, images), attention_mask=attention_mask, **kwargs
+        inputs_embeds = self.embed_inputs(input_ids, images)
+        if not seg_enable:
+            return self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+            )
+        if self.seg_module is None:
+            raise ValueError("seg_enable=True, but this model has no seg module (seg_config is None)")
+        kwargs |= {"output_hidden_states": True, "return_dict_in_generate": True}
+        output = self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
         )
+        states, has_seg = generated_seg_states(
+            output.hidden_states, output.sequences, self.config.seg_token_id
+        )
+        seg_logits = torch.full(
+            (len(images), 1, *images.shape[2:]), float("-inf"), dtype=states.dtype, device=states.device
+        )
+        if has_seg.any():
+            seg_logits[has_seg] = self.seg_module(images[has_seg], self.seg_projector(states[has_seg])).to(
+                seg_logits.dtype
+            )
+        return output.sequences, seg_logits
 
 
 def splice_image_features(
@@ -249,11 +331,14 @@ def build_lamed(
     scale: str,
     vision_encoder: str | os.PathLike | None = None,
     llm: str | os.PathLike | None = None,
+    segmentation: bool = False,
     **overrides: Any,
 ) -> tuple[LaMedForCausalLM, PreTrainedTokenizerBase]:
     """A LaMed model at ``scale`` and its tokenizer: the stage-0 ViT in folder ``vision_encoder`` (None:
     random, from the preset's ``vision`` section), a fresh projector, and the pretrained LLM ``llm`` (None:
-    the preset's ``llm.name``; tiny LLMs are random: seed torch first) with M3D's tokens added.
+    the preset's ``llm.name``; tiny LLMs are random: seed torch first) with M3D's tokens added; with
+    ``segmentation``, a fresh mask decoder from the preset's ``segmentation`` section (stage 2 adds it
+    otherwise, see :meth:`LaMedForCausalLM.add_seg_module`).
 
     ``overrides`` go to the section that owns the key: ``vision`` (only without ``vision_encoder``),
     ``projector`` (``pooling_size=4``) or ``llm`` (``max_length``, ``chat_template``).
@@ -289,6 +374,7 @@ def build_lamed(
         chat_template=settings.chat_template,
         model_max_length=settings.max_length,
         llm_name=settings.name,
+        seg_config=SegConfig.from_scale(scale) if segmentation else None,
     )
     model = LaMedForCausalLM(config, vision_tower=tower, language_model=language_model)
     model.generation_config = copy.deepcopy(language_model.generation_config)

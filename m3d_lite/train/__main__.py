@@ -103,7 +103,14 @@ def cmd_instruct(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.set)
     result = train_instruct(
-        args.scale, args.data, args.model, args.out, max_steps=args.max_steps, resume=args.resume, **overrides
+        args.scale,
+        args.data,
+        args.model,
+        args.out,
+        segmentation=not args.no_segmentation,
+        max_steps=args.max_steps,
+        resume=args.resume,
+        **overrides,
     )
     if PartialState().is_main_process:
         print_result(result)
@@ -166,7 +173,7 @@ def build_parser(prog: str = "python -m m3d_lite.train") -> argparse.ArgumentPar
     p = add_stage(
         stages,
         "instruct",
-        "stage 2: LoRA instruction tuning on captions, VQA, REC and REG (LLM under LoRA, the rest trained)",
+        "stage 2: LoRA instruction tuning on captions, VQA, REC, REG and segmentation (LLM under LoRA)",
         "dataset root holding M3D_Cap/, M3D_VQA/ and M3D_Seg/",
     )
     p.add_argument(
@@ -174,6 +181,9 @@ def build_parser(prog: str = "python -m m3d_lite.train") -> argparse.ArgumentPar
         required=True,
         type=Path,
         help="stage-1 model: a run folder of `align` (holding model/) or that model/ folder",
+    )
+    p.add_argument(
+        "--no-segmentation", action="store_true", help="no seg module and no seg tasks (M3D's HEAD default)"
     )
     p.set_defaults(func=cmd_instruct)
     return parser

@@ -8,12 +8,12 @@ survives (M3D_FACTS 1.9). What trains (M3D's choice, :func:`unfreeze_for_instruc
 - LoRA adapters on every Linear of the LLM (see ``m3d_lite.models.lora``); the LLM's own weights stay
   bit-identical;
 - in full: the vision tower, the projector, the input embeddings and the LM head (one matrix when they
-  are tied, as in SmolLM2 and tiny-llama), and the seg module once the model has one
+  are tied, as in SmolLM2 and tiny-llama), and the seg module (added here to a stage-1 model without one)
   (:data:`FULLY_TRAINED`).
 
-Data (:func:`instruction_data`): the tasks of stage 1 (captions, closed VQA, open VQA) and REC/REG on
-M3D-Seg (segmentation follows with the seg module), with M3D's training augmentation, mixed in proportion
-to their sizes as M3D does, or by explicit ``task_weights``.
+Data (:func:`instruction_data`): the tasks of stage 1 (captions, closed VQA, open VQA), REC/REG on
+M3D-Seg and, for a model with a seg module, segmentation on M3D-Seg and M3D-RefSeg, with M3D's training
+augmentation, mixed in proportion to their sizes as M3D does, or by explicit ``task_weights``.
 
 What it leaves in ``out_dir``: ``model/`` = ``base/`` + ``adapter/`` (read by
 ``m3d_lite.models.lora.load_lamed_lora``; ``m3d-lite export`` merges it into a plain LaMed folder),
@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from m3d_lite.config import TrainConfig
 from m3d_lite.data.datasets import InstructCollator, mix_datasets
 from m3d_lite.data.position import position_datasets
+from m3d_lite.data.seg_data import segmentation_datasets
 from m3d_lite.models.lamed import LaMedForCausalLM, load_lamed, split_overrides
 from m3d_lite.models.lora import (
     LoraSettings,
@@ -44,14 +45,17 @@ from m3d_lite.models.lora import (
     save_lamed_lora,
     trainable_parameter_names,
 )
+from m3d_lite.models.segmentation import SegConfig
 from m3d_lite.train.align import alignment_data, embedding_weights
 from m3d_lite.train.clip import TRAIN_KEYS
 from m3d_lite.train.loop import TrainResult, save_artifact, train
 
 # LaMed parts trained in full in stage 2, as in M3D; a part the model does not have (yet) is skipped
 FULLY_TRAINED = ("vision_tower", "mm_projector", "seg_projector", "seg_module")
-# the tasks of instruction_data, in its order (the order of task_weights)
+# the tasks of instruction_data, in its order (the order of task_weights); with segmentation=True the
+# SEGMENTATION_TASKS follow, so the indices of the first seven stay valid
 INSTRUCTION_TASKS = ("caption", "closed VQA", "open VQA", "REC", "REC description", "REG", "REG description")
+SEGMENTATION_TASKS = ("seg", "seg description", "referring seg")
 
 
 def load_stage1(path: str | os.PathLike) -> tuple[LaMedForCausalLM, PreTrainedTokenizerBase]:
@@ -77,16 +81,20 @@ def instruction_data(
     seed: int = 0,
     weights: Sequence[float] | None = None,
     augment: bool = False,
+    segmentation: bool = False,
 ) -> Dataset:
     """M3D's stage-2 tasks of ``split``, mixed by :func:`~m3d_lite.data.datasets.mix_datasets`.
 
     Tasks, named by :data:`INSTRUCTION_TASKS` in the order ``weights`` follows: captions, closed VQA, open
     VQA (stage 1's data, each VQA row twice), then REC by class, REC by description, REG by class, REG by
-    description (M3D's ``MultiPosDataset``, 4 samples per image-class pair of M3D-Seg). ``weights=None``
-    mixes them in proportion to their sizes, as M3D does: the result is then a ``ConcatDataset`` whose
-    ``datasets`` are the tasks. A weight of 0 leaves a task out. ``augment=True`` gives every volume M3D's
-    training augmentation. A new task (segmentation) is one more entry of ``tasks`` and of
-    :data:`INSTRUCTION_TASKS`.
+    description (M3D's ``MultiPosDataset``, 4 samples per image-class pair of M3D-Seg). ``segmentation=True``
+    appends :data:`SEGMENTATION_TASKS`: segmentation by class and by description (2 samples per pair) and
+    referring segmentation on M3D-RefSeg (M3D's ``MultiSegDataset``, which its released code leaves out);
+    their items hold ``"seg_mask"``, so only a model with a seg module can take those batches.
+    ``weights=None`` mixes the tasks in proportion to their sizes, as M3D does: the result is then a
+    ``ConcatDataset`` whose ``datasets`` are the tasks. A weight of 0 leaves a task out. ``augment=True``
+    gives every volume M3D's training augmentation. A new task is one more entry of ``tasks`` and of the
+    task names.
     """
     # without weights, alignment_data is the ConcatDataset of its three tasks: take them one by one
     stage1 = alignment_data(
@@ -98,6 +106,10 @@ def instruction_data(
             data_dir, split, tokenizer, num_image_tokens, max_length, seed, chat_template, augment
         ),
     ]
+    if segmentation:
+        tasks += segmentation_datasets(
+            data_dir, split, tokenizer, num_image_tokens, max_length, seed, chat_template, augment
+        )
     return mix_datasets(tasks, weights, seed=seed)
 
 
@@ -123,6 +135,7 @@ def train_instruct(
     *,
     task_weights: Sequence[float] | None = None,
     augment: bool = True,
+    segmentation: bool = True,
     max_steps: int | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -136,7 +149,10 @@ def train_instruct(
     (``learning_rate=1e-4``), to the ``lora`` section when they name a :class:`LoraSettings` field
     (``r=32``); any other key is an error. ``task_weights`` mixes the tasks of :func:`instruction_data`
     (None: by size, as M3D); ``augment=False`` turns off M3D's training augmentation of the volumes.
-    ``resume=True`` continues the run in ``out_dir``.
+    ``segmentation=True`` gives a stage-1 model without one a fresh seg module (the preset's
+    ``segmentation`` section; M3D adds its SegVol module at this stage too) and adds the seg tasks to the
+    mix; ``False`` is M3D's HEAD, whose seg data is commented out. ``resume=True`` continues the run in
+    ``out_dir``.
     """
     lora_keys = {f.name for f in dataclasses.fields(LoraSettings)}
     groups = split_overrides(overrides, {"train": TRAIN_KEYS, "lora": lora_keys})
@@ -144,7 +160,9 @@ def train_instruct(
     lora = LoraSettings.from_scale(scale, **groups["lora"])
     model, tokenizer = load_stage1(model_dir)
     stage1 = str(Path(model.name_or_path).resolve())
-    set_seed(cfg.seed)  # LoRA's A matrices
+    set_seed(cfg.seed)  # the seg module's initialisation and LoRA's A matrices
+    if segmentation and model.seg_module is None:
+        model.add_seg_module(SegConfig.from_scale(scale))
     model = apply_lora(model, lora)
     unfreeze_for_instruction(model)
     config = model.config
@@ -158,6 +176,7 @@ def train_instruct(
         cfg.seed,
         task_weights,
         augment,
+        segmentation,
     )
     settings = {
         "stage": "instruct",
@@ -167,6 +186,7 @@ def train_instruct(
         "lora": dataclasses.asdict(lora),
         "task_weights": task_weights,
         "augment": augment,
+        "segmentation": segmentation,
     }
     result = train(
         model,
