@@ -135,19 +135,29 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from m3d_lite.data.preprocess import window_from_args
-    from m3d_lite.infer import ask, load_model, load_scan
+    from m3d_lite.infer import ask, load_model, load_scan, save_answer_mask
     from m3d_lite.viz import save_figure, volume_with_text
 
     model, tokenizer = load_model(args.model)
     scan = load_scan(args.image, model.config.vision_config.image_size, window_from_args(args.window))
-    answer = ask(model, tokenizer, scan, args.question, max_new_tokens=args.max_new_tokens)
+    answer = ask(
+        model, tokenizer, scan, args.question, max_new_tokens=args.max_new_tokens, segment=args.segment
+    )
     print(answer.text)
+    stem = Path(args.image).name.split(".")[0] or "scan"
     if answer.box is not None:
         print(f"box [d0, h0, w0, d1, h1, w1] (fractions of the prepared volume): {list(answer.box)}")
+    if answer.mask is not None:
+        mask_path = save_answer_mask(scan, answer.mask, Path(args.out) / f"{stem}_mask.nii.gz")
+        print(f"mask of {int(answer.mask.sum())} voxels (prepared grid), on the input's grid: {mask_path}")
+    elif args.segment:
+        print("no [SEG] in the answer: no mask")
+    if answer.box is not None or answer.mask is not None:
         texts = {"question": answer.question, "answer": answer.text}
-        picture = Path(args.out) / f"{Path(args.image).name.split('.')[0] or 'scan'}_answer.png"
-        save_figure(volume_with_text(scan.image, texts, boxes={"answer": answer.box}, num_slices=8), picture)
-        print(f"box drawn on the volume: {picture}")
+        boxes = {"answer box": answer.box} if answer.box is not None else None
+        masks = {"answer mask": answer.mask[0].numpy()} if answer.mask is not None else None
+        picture = volume_with_text(scan.image, texts, masks=masks, boxes=boxes, num_slices=8)
+        print(f"picture: {save_figure(picture, Path(args.out) / f'{stem}_answer.png')}")
     return 0
 
 
@@ -212,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", required=True)
     p.add_argument("--window", nargs="+", metavar="LO HI | NAME", help="CT window, e.g. -160 240 or 'bone'")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for the picture of a box answer")
+    p.add_argument(
+        "--segment", action="store_true", help="decode the mask of a [SEG] answer (NIfTI + picture)"
+    )
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for the mask and the picture")
     p.set_defaults(func=cmd_infer)
 
     p = groups.add_parser("bench", help="evaluate a trained model on M3D-Bench tasks; writes bench.json")

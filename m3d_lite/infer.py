@@ -17,7 +17,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from m3d_lite.data.formats import parse_box
-from m3d_lite.data.preprocess import PreparedVolume, Volume, Window, prepare_file
+from m3d_lite.data.preprocess import PreparedVolume, Volume, Window, prepare_file, save_mask_nifti
+from m3d_lite.io import save_npy
 from m3d_lite.models.lamed import LaMedForCausalLM, load_lamed
 from m3d_lite.models.lora import ADAPTER_DIR, find_model_dir, load_lamed_lora, merge_lora
 from m3d_lite.models.tokenizer import encode_prompts
@@ -36,6 +37,39 @@ def load_model(path: str | os.PathLike, **kwargs: Any) -> tuple[LaMedForCausalLM
     return model.eval(), tokenizer
 
 
+def _generate(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    images: torch.Tensor,
+    questions: Sequence[str],
+    max_new_tokens: int,
+    **generate_kwargs: Any,
+) -> Any:
+    """``model.generate`` on left-padded prompts in the model's own format; greedy unless told otherwise."""
+    if images.ndim != 5 or images.shape[0] != len(questions):
+        raise ValueError(
+            f"images must be B x 1 x D x H x W with B = {len(questions)} questions, got {tuple(images.shape)}"
+        )
+    config = model.config
+    prompts = encode_prompts(tokenizer, list(questions), config.proj_out_num, config.chat_template)
+    device = model.device
+    prompts = {key: value.to(device) for key, value in prompts.items()}
+    generate_kwargs.setdefault("do_sample", False)
+    return model.generate(
+        images=images.to(device), **prompts, max_new_tokens=max_new_tokens, **generate_kwargs
+    )
+
+
+def _decode(
+    tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Tensor, skip_special_tokens: bool
+) -> list[str]:
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=skip_special_tokens)
+    if not skip_special_tokens:  # keep the box tokens, drop end-of-text and padding
+        for token in {tokenizer.eos_token, tokenizer.pad_token} - {None}:
+            texts = [text.replace(token, "") for text in texts]
+    return [text.strip() for text in texts]
+
+
 @torch.no_grad()
 def generate_answers(
     model: LaMedForCausalLM,
@@ -52,20 +86,32 @@ def generate_answers(
     built in the model's own format (``config.chat_template``, ``config.proj_out_num`` image tokens) and
     left-padded; ``skip_special_tokens=False`` keeps ``<bx_start>``/``<bx_end>`` in box answers.
     """
-    if images.ndim != 5 or images.shape[0] != len(questions):
-        raise ValueError(
-            f"images must be B x 1 x D x H x W with B = {len(questions)} questions, got {tuple(images.shape)}"
-        )
-    config = model.config
-    prompts = encode_prompts(tokenizer, list(questions), config.proj_out_num, config.chat_template)
-    device = model.device
-    prompts = {key: value.to(device) for key, value in prompts.items()}
-    generate_kwargs.setdefault("do_sample", False)
-    new_tokens = model.generate(
-        images=images.to(device), **prompts, max_new_tokens=max_new_tokens, **generate_kwargs
+    new_tokens = _generate(model, tokenizer, images, questions, max_new_tokens, **generate_kwargs)
+    return _decode(tokenizer, new_tokens, skip_special_tokens)
+
+
+@torch.no_grad()
+def generate_with_masks(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    images: torch.Tensor,
+    questions: Sequence[str],
+    max_new_tokens: int = 64,
+    **generate_kwargs: Any,
+) -> tuple[list[str], list[torch.Tensor | None]]:
+    """Answers (box tokens kept) and, per answer that holds ``[SEG]``, its mask: a bool 1 x D x H x W
+    tensor on the model's grid (sigmoid of the decoder's logits > 0.5, as M3D); None without ``[SEG]``."""
+    if model.seg_module is None:
+        raise ValueError("this model has no seg module: train stage 2 with segmentation to get masks")
+    new_tokens, seg_logits = _generate(
+        model, tokenizer, images, questions, max_new_tokens, seg_enable=True, **generate_kwargs
     )
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=skip_special_tokens)
-    return [text.strip() for text in texts]
+    has_seg = (new_tokens == model.config.seg_token_id).any(1)
+    masks = [
+        (logits.sigmoid() > 0.5).cpu() if found else None
+        for logits, found in zip(seg_logits, has_seg, strict=True)
+    ]
+    return _decode(tokenizer, new_tokens, skip_special_tokens=False), masks
 
 
 @dataclass
@@ -110,12 +156,14 @@ def load_scan(path: str | os.PathLike, image_size: Sequence[int], window: Window
 @dataclass
 class Answer:
     """A model's ``text`` to ``question`` about the scan ``source``; ``box`` is the first box in the text,
-    M3D's normalised [d0, h0, w0, d1, h1, w1] (None when the answer holds none)."""
+    M3D's normalised [d0, h0, w0, d1, h1, w1] (None when the answer holds none); ``mask`` the bool
+    1 x D x H x W mask of a ``[SEG]`` answer on the prepared volume's grid (None without one)."""
 
     source: str
     question: str
     text: str
     box: tuple[float, ...] | None
+    mask: torch.Tensor | None = None
 
 
 def ask(
@@ -124,21 +172,32 @@ def ask(
     scan: ScanInput,
     question: str,
     max_new_tokens: int = 128,
+    segment: bool = False,
     **generate_kwargs: Any,
 ) -> Answer:
-    """Ask ``question`` about ``scan`` (see :func:`load_scan`); the answer keeps its box tokens."""
+    """Ask ``question`` about ``scan`` (see :func:`load_scan`); the answer keeps its box tokens, and with
+    ``segment=True`` the mask of its ``[SEG]`` comes with it."""
     expected = tuple(model.config.vision_config.image_size)
     if tuple(scan.image.shape[1:]) != expected or scan.image.shape[0] != 1:
         raise ValueError(f"{scan.source}: image {tuple(scan.image.shape)}, the model expects 1 x {expected}")
-    [text] = generate_answers(
-        model,
-        tokenizer,
-        scan.image[None],
-        [question],
-        max_new_tokens,
-        skip_special_tokens=False,
-        **generate_kwargs,
-    )
-    for token in (tokenizer.eos_token, tokenizer.pad_token):
-        text = text.replace(token, "") if token else text
-    return Answer(scan.source, question, text.strip(), parse_box(text))
+    images, questions = scan.image[None], [question]
+    if segment:
+        [text], [mask] = generate_with_masks(
+            model, tokenizer, images, questions, max_new_tokens, **generate_kwargs
+        )
+    else:
+        [text] = generate_answers(
+            model, tokenizer, images, questions, max_new_tokens, skip_special_tokens=False, **generate_kwargs
+        )
+        mask = None
+    return Answer(scan.source, question, text, parse_box(text), mask)
+
+
+def save_answer_mask(scan: ScanInput, mask: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write ``mask`` (1 x D x H x W on the prepared grid) so that it overlays the scan it was asked about:
+    for a scan file prepared here, a NIfTI on the file's own grid (size, spacing, orientation); for a
+    prepared ``.npy`` input, a ``.npy`` of the same grid."""
+    array = mask.numpy().astype(np.uint8)
+    if scan.volume is None:
+        return save_npy(Path(path).with_suffix("").with_suffix(".npy"), array)
+    return save_mask_nifti(array, scan.volume, path, scan.prepared.crop_box)

@@ -4,12 +4,22 @@ import copy
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from m3d_lite.cli import main
 from m3d_lite.data.datasets import load_volume_tensor
 from m3d_lite.data.formats import parse_box
-from m3d_lite.infer import Answer, ScanInput, ask, generate_answers, load_model, load_scan
+from m3d_lite.infer import (
+    Answer,
+    ScanInput,
+    ask,
+    generate_answers,
+    load_model,
+    load_scan,
+    save_answer_mask,
+)
 from m3d_lite.models import build_lamed, encode_prompts, save_lamed
 from m3d_lite.models.lora import LoraSettings, apply_lora, save_lamed_lora
 
@@ -132,3 +142,45 @@ def test_infer_command_prints_the_answer_and_draws_a_box(
     assert "[0.1, 0.2, 0.3, 0.6, 0.7, 0.8]" in out and (tmp_path / "ct_answer.png").stat().st_size > 0
     assert main(["infer", "--model", str(tmp_path / "none"), "--image", str(scan), "--question", "?"]) == 2
     assert "none: no config.json in it nor in its model/" in capsys.readouterr().err
+
+
+class StartWith(LogitsProcessor):
+    """Make greedy decoding start with ``token`` (a random model would rarely write [SEG] by itself)."""
+
+    def __init__(self, token: int):
+        self.token, self.first = token, True
+
+    def __call__(self, input_ids, scores):
+        if self.first:
+            scores[:] = float("-inf")
+            scores[:, self.token] = 0.0
+            self.first = False
+        return scores
+
+
+def test_a_seg_answer_gives_a_nifti_mask_on_the_input_grid(phantom8, tmp_path, capsys):
+    torch.manual_seed(0)
+    model, tokenizer = build_lamed("ci", llm="tiny-llama", segmentation=True)
+    model.eval()
+    ct = phantom8 / "raw" / "phantom_00000" / "ct.nii.gz"
+    scan = load_scan(ct, model.config.vision_config.image_size, window="soft tissue")
+    with torch.no_grad():
+        model.seg_module.mask_decoder.txt_align_upscaled_embedding.bias.fill_(5.0)  # a mask that is not empty
+    force = LogitsProcessorList([StartWith(model.config.seg_token_id)])
+    answer = ask(
+        model, tokenizer, scan, "Segment the liver.", max_new_tokens=3, segment=True, logits_processor=force
+    )
+    assert answer.text.startswith("[SEG]") and answer.mask.shape == (1, 32, 64, 64) and answer.mask.any()
+    written = sitk.ReadImage(str(save_answer_mask(scan, answer.mask, tmp_path / "liver_mask.nii.gz")))
+    source = sitk.ReadImage(str(ct))
+    assert written.GetSize() == source.GetSize() and written.GetSpacing() == source.GetSpacing()
+    assert written.GetOrigin() == source.GetOrigin() and written.GetDirection() == source.GetDirection()
+    assert sitk.GetArrayFromImage(written).any()
+    plain = ask(model, tokenizer, scan, "Segment the liver.", max_new_tokens=3, segment=True)
+    assert (plain.mask is None) == ("[SEG]" not in plain.text)  # no [SEG], no mask
+    save_lamed(model, tokenizer, tmp_path / "seg_model")
+    argv = ["infer", "--model", str(tmp_path / "seg_model"), "--image", str(ct), "--question", "Segment it."]
+    assert main([*argv, "--segment", "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    wrote_mask = "ct_mask.nii.gz" in out and (tmp_path / "ct_mask.nii.gz").is_file()
+    assert ("no [SEG] in the answer: no mask" in out) != wrote_mask
