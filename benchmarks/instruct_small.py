@@ -46,6 +46,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--scale", default="small", help="preset of training (ci: a quick dry run)")
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument(
+        "--task-weights",
+        type=lambda text: [float(w) for w in text.split(",")],
+        default=None,
+        help="shares of the 10 tasks, INSTRUCTION_TASKS + SEGMENTATION_TASKS order (default: by size)",
+    )
     parser.add_argument("--limit", type=int, default=100, help="test samples per task for evaluation")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of the evaluation's decoding")
     parser.add_argument(
@@ -57,7 +63,13 @@ def main() -> None:
     args = parser.parse_args()
 
     result = train_instruct(
-        args.scale, args.data, args.align, args.out, max_steps=args.max_steps, resume=args.resume
+        args.scale,
+        args.data,
+        args.align,
+        args.out,
+        task_weights=args.task_weights,
+        max_steps=args.max_steps,
+        resume=args.resume,
     )
     title = f"stage 2 ({args.scale})"
     curve = save_figure(training_curves(result.metrics_path, title=title), args.out / "loss.png")

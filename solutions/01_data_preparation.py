@@ -73,8 +73,10 @@ print(f"scale {SCALE}: prepared volumes 1x{'x'.join(map(str, cfg.image_shape))};
 mni_path = out_dir / "mni152_t1_2mm.nii.gz"
 nib.save(load_mni152_template(resolution=2), mni_path)
 mri = preprocess.load_volume(mni_path)
-print(f"array {mri.array.shape} (z, y, x), spacing {mri.spacing} mm, "
-      f"intensity {mri.array.min():.0f}..{mri.array.max():.0f}")
+print(
+    f"array {mri.array.shape} (z, y, x), spacing {mri.spacing} mm, "
+    f"intensity {mri.array.min():.0f}..{mri.array.max():.0f}"
+)
 viz.orthogonal_views(mri.array)
 
 # %% [markdown]
@@ -89,8 +91,10 @@ viz.orthogonal_views(mri.array)
 ct_file = get_testdata_file("CT_small.dcm")
 ct = pydicom.dcmread(ct_file)
 ct_hu = ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
-print(f"stored {ct.pixel_array.min()}..{ct.pixel_array.max()} -> HU {ct_hu.min():.0f}..{ct_hu.max():.0f} "
-      f"(slope {ct.RescaleSlope}, intercept {ct.RescaleIntercept}); pixel spacing {ct.PixelSpacing} mm")
+print(
+    f"stored {ct.pixel_array.min()}..{ct.pixel_array.max()} -> HU {ct_hu.min():.0f}..{ct_hu.max():.0f} "
+    f"(slope {ct.RescaleSlope}, intercept {ct.RescaleIntercept}); pixel spacing {ct.PixelSpacing} mm"
+)
 fig, (ax_img, ax_hist) = plt.subplots(1, 2, figsize=(9, 3.5))
 ax_img.imshow(ct_hu, cmap="gray")
 ax_img.set_title("CT slice, full HU range")
@@ -107,6 +111,7 @@ plt.show()
 # values above `upper` become 1, and values in between are scaled linearly. Radiologists read soft
 # tissue at about `[-160, 240]`, bone at `[-450, 1050]` and lungs at `[-1350, 150]`. The window decides
 # what the model can see. Write `window_hu(hu, lower, upper)`; it returns `float32`.
+
 
 # %%
 def window_hu(hu: np.ndarray, lower: float, upper: float) -> np.ndarray:
@@ -150,8 +155,10 @@ plt.show()
 
 # %%
 prepared_mri, _ = preprocess.prepare_file(mni_path, cfg.image_shape)
-print(f"{mri.array.shape} -> {prepared_mri.image.shape}, {prepared_mri.image.dtype}, "
-      f"range {prepared_mri.image.min():.2f}..{prepared_mri.image.max():.2f}")
+print(
+    f"{mri.array.shape} -> {prepared_mri.image.shape}, {prepared_mri.image.dtype}, "
+    f"range {prepared_mri.image.min():.2f}..{prepared_mri.image.max():.2f}"
+)
 viz.montage(prepared_mri.image, num_slices=8, title=f"prepared MRI {prepared_mri.image.shape}")
 
 # %% [markdown]
@@ -166,11 +173,15 @@ viz.montage(prepared_mri.image, num_slices=8, title=f"prepared MRI {prepared_mri
 
 # %%
 case = make_case("phantom_demo", seed=SEED, raw_shape=cfg.raw_shape, raw_spacing=cfg.raw_spacing)
-print(f"raw scan {case.hu.shape} at {case.spacing} mm; phase {case.findings.phase}, "
-      f"plane {case.findings.plane}, window {case.findings.window}")
+print(
+    f"raw scan {case.hu.shape} at {case.spacing} mm; phase {case.findings.phase}, "
+    f"plane {case.findings.plane}, window {case.findings.window}"
+)
 for lesion in case.findings.lesions:
-    print(f"  lesion {lesion.lesion_id}: {lesion.kind} in the {lesion.organ} ({lesion.sublocation}), "
-          f"{lesion.size_mm:.0f} mm, {lesion.attenuation}")
+    print(
+        f"  lesion {lesion.lesion_id}: {lesion.kind} in the {lesion.organ} ({lesion.sublocation}), "
+        f"{lesion.size_mm:.0f} mm, {lesion.attenuation}"
+    )
 organ_masks = {name: case.organ_labels == label for label, name in ORGANS.items()}
 viz.montage(case.hu, masks=organ_masks, num_slices=6, window="soft tissue", title="raw HU with organ labels")
 
@@ -224,6 +235,7 @@ refseg[["Image", "Mask_ID", "Question_Type", "Question", "Answer"]].head(4)
 # ### Exercise 2 · mask → M3D box text
 # Write `mask_to_box_text(mask)` for a boolean D × H × W mask. Python's `str()` of a list of rounded
 # floats gives exactly M3D's spelling.
+
 
 # %%
 def mask_to_box_text(mask: np.ndarray) -> str:

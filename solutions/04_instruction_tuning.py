@@ -267,7 +267,9 @@ print(f"targets here: {lora_targets(model)[:3]} ...")
 
 # %%
 print(TrainConfig.from_scale(SCALE, "instruct"), lora, sep="\n")
-result = train_instruct(SCALE, data_dir, align_run, out_dir / "instruct", max_steps=MAX_STEPS or None)
+result = train_instruct(  # the three segmentation tasks join the mix in notebook 05
+    SCALE, data_dir, align_run, out_dir / "instruct", segmentation=False, max_steps=MAX_STEPS or None
+)
 print(f"{result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.3f}")
 viz.training_curves(result.metrics_path, keys=("loss", "lr"), title="stage 2: instruction tuning")
 
