@@ -6,7 +6,8 @@
 Trains with the ``small`` preset (``--max-steps`` to shorten it; ``--scale ci`` for a quick dry run on a
 ci phantom), saves the loss curve as ``OUT/loss.png``, reloads the trained model as inference does
 (:func:`m3d_lite.infer.load_model`: LoRA merged) and evaluates the first ``--limit`` test samples of
-closed VQA (per question type), open VQA, report generation and REC (:mod:`m3d_lite.eval.tasks`). Writes
+closed VQA (per question type), open VQA, report generation and REC, and for a model with a seg module
+semantic and referring segmentation (:mod:`m3d_lite.eval.tasks`). Writes
 each task's per-sample rows as ``OUT/eval_<task>.csv`` and everything printed as ``OUT/summary.json``:
 training steps, time, time per step, first and final logged loss, peak memory (max RSS of this process),
 evaluation time and the task summaries.
@@ -26,7 +27,9 @@ from m3d_lite.eval.tasks import (
     evaluate_closed_vqa,
     evaluate_open_vqa,
     evaluate_rec,
+    evaluate_referring_segmentation,
     evaluate_reports,
+    evaluate_segmentation,
     write_rows_csv,
 )
 from m3d_lite.infer import load_model
@@ -35,6 +38,7 @@ from m3d_lite.train.instruct import train_instruct
 from m3d_lite.viz import save_figure, training_curves
 
 TASKS = (evaluate_closed_vqa, evaluate_open_vqa, evaluate_reports, evaluate_rec)
+SEG_TASKS = (evaluate_segmentation, evaluate_referring_segmentation)  # for a model with a seg module
 
 
 def main() -> None:
@@ -88,7 +92,7 @@ def main() -> None:
     if torch.cuda.is_available():
         model.to("cuda")
     evaluations = {}
-    for evaluate in TASKS:
+    for evaluate in TASKS + (SEG_TASKS if model.seg_module is not None else ()):
         task = evaluate(model, tokenizer, args.data, "test", limit=args.limit, batch_size=args.batch_size)
         write_rows_csv(task, args.out / f"eval_{task.task}.csv")
         evaluations[task.task] = {name: round(value, 4) for name, value in task.summary.items()}

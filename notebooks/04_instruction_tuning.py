@@ -49,13 +49,13 @@ from transformers import Phi3Config, Phi3ForCausalLM
 from m3d_lite import viz
 from m3d_lite.config import TrainConfig, default_data_dir
 from m3d_lite.course.checks import check_function, summary
+from m3d_lite.course.handoff import stage1_run
 from m3d_lite.data.formats import parse_box
 from m3d_lite.data.phantom_dataset import ensure_phantom_dataset
 from m3d_lite.eval.boxes import box_iou, m3d_box_iou
 from m3d_lite.infer import generate_answers
 from m3d_lite.models.lamed import build_lamed, load_lamed
 from m3d_lite.models.lora import LoraSettings, export_merged, load_lamed_lora, lora_targets, merge_lora
-from m3d_lite.train.align import train_align
 from m3d_lite.train.instruct import INSTRUCTION_TASKS, instruction_data, train_instruct
 
 torch.manual_seed(SEED)
@@ -63,11 +63,7 @@ data_dir = ensure_phantom_dataset(
     Path(DATA_DIR) if DATA_DIR else default_data_dir(SCALE), NUM_VOLUMES, SCALE, SEED
 )
 out_dir = Path(OUTPUT_DIR)
-align_run = Path(ALIGN_DIR) if ALIGN_DIR else out_dir.parent / "03_projector_alignment" / "align"
-if not (align_run / "model" / "config.json").is_file():
-    print(f"no stage-1 run in {align_run}: a quick stage 1 here ({ALIGN_STEPS} steps, random ViT)")
-    align_run = out_dir / "align"
-    train_align(SCALE, data_dir, None, align_run, max_steps=ALIGN_STEPS, progress=False)
+align_run = stage1_run(ALIGN_DIR, out_dir, SCALE, data_dir, ALIGN_STEPS)
 model, tokenizer = load_lamed(align_run / "model")
 config = model.config
 print(f"stage-1 model: {align_run / 'model'} ({config.llm_name}, {config.proj_out_num} image tokens)")

@@ -48,6 +48,7 @@ from monai.metrics import compute_dice
 from m3d_lite import viz
 from m3d_lite.config import default_data_dir
 from m3d_lite.course.checks import check_function, summary
+from m3d_lite.course.handoff import stage1_run
 from m3d_lite.data.datasets import InstructCollator
 from m3d_lite.data.phantom_dataset import ensure_phantom_dataset
 from m3d_lite.data.seg_data import RefSegDataset, SegTaskDataset
@@ -55,7 +56,6 @@ from m3d_lite.infer import generate_with_masks, load_model
 from m3d_lite.models.lamed import load_lamed
 from m3d_lite.models.seg_pathway import seg_token_states
 from m3d_lite.models.segmentation import SegConfig, SegModule, seg_losses
-from m3d_lite.train.align import train_align
 from m3d_lite.train.instruct import INSTRUCTION_TASKS, SEGMENTATION_TASKS, train_instruct
 
 torch.manual_seed(SEED)
@@ -63,11 +63,7 @@ data_dir = ensure_phantom_dataset(
     Path(DATA_DIR) if DATA_DIR else default_data_dir(SCALE), NUM_VOLUMES, SCALE, SEED
 )
 out_dir = Path(OUTPUT_DIR)
-align_run = Path(ALIGN_DIR) if ALIGN_DIR else out_dir.parent / "03_projector_alignment" / "align"
-if not (align_run / "model" / "config.json").is_file():
-    print(f"no stage-1 run in {align_run}: a quick stage 1 here ({ALIGN_STEPS} steps, random ViT)")
-    align_run = out_dir / "align"
-    train_align(SCALE, data_dir, None, align_run, max_steps=ALIGN_STEPS, progress=False)
+align_run = stage1_run(ALIGN_DIR, out_dir, SCALE, data_dir, ALIGN_STEPS)
 model, tokenizer = load_lamed(align_run / "model")
 config = model.config
 print(f"stage-1 model: {align_run / 'model'} ({config.llm_name})")

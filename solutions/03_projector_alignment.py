@@ -45,8 +45,9 @@ from accelerate.utils import set_seed
 from IPython.display import display
 
 from m3d_lite import viz
-from m3d_lite.config import DataConfig, TrainConfig, default_data_dir
+from m3d_lite.config import TrainConfig, default_data_dir
 from m3d_lite.course.checks import check_function, summary
+from m3d_lite.course.handoff import stage0_encoder
 from m3d_lite.data.datasets import CaptionDataset, load_volume_tensor, read_report
 from m3d_lite.data.phantom_dataset import ensure_phantom_dataset
 from m3d_lite.infer import generate_answers
@@ -61,18 +62,7 @@ data_dir = ensure_phantom_dataset(
     Path(DATA_DIR) if DATA_DIR else default_data_dir(SCALE), NUM_VOLUMES, SCALE, SEED
 )
 out_dir = Path(OUTPUT_DIR)
-stage0_run = Path(VISION_DIR) if VISION_DIR else out_dir.parent / "02_clip_pretraining" / "clip"
-vision_encoder = stage0_run / "vision_encoder" if (stage0_run / "vision_encoder").is_dir() else None
-if vision_encoder is None:
-    print(f"no stage-0 run in {stage0_run}: the ViT is RANDOM (run notebook 02 first for a trained one)")
-else:
-    trained_size = list(VisionConfig.from_pretrained(vision_encoder).image_size)
-    if trained_size != list(DataConfig.from_scale(SCALE).image_shape):
-        raise ValueError(
-            f"{vision_encoder} was trained on {trained_size} volumes, scale {SCALE} has "
-            f"{DataConfig.from_scale(SCALE).image_shape}: set VISION_DIR to a stage-0 run of this scale"
-        )
-    print(f"stage-0 vision encoder: {vision_encoder}")
+vision_encoder = stage0_encoder(VISION_DIR, out_dir, SCALE)
 
 # %% [markdown]
 # ## 1. From patch tokens to image tokens

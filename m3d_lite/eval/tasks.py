@@ -1,4 +1,5 @@
-"""M3D-Bench's generative tasks for a LaMed model: closed VQA, open VQA, report generation and REC.
+"""M3D-Bench's generative tasks for a LaMed model: closed VQA, open VQA, report generation, REC and
+(referring) segmentation.
 
 Each ``evaluate_*`` answers the first ``limit`` samples of a split (deterministic, all when None) by
 batched greedy decoding (:func:`m3d_lite.infer.generate_answers`; M3D decodes one sample at a time), scores
@@ -6,6 +7,7 @@ every answer (:mod:`m3d_lite.eval.metrics`, :mod:`m3d_lite.eval.boxes`) and retu
 per-sample rows, as M3D's CSVs, and the means M3D leaves to be computed offline. Text scores are M3D's
 BLEU-1 and ROUGE-1 plus the standard ROUGE-L (and corpus BLEU-4 for reports); where M3D's rule for a score
 differs from the standard one (closed-VQA correctness, box IoU) both are kept, M3D's labelled ``_m3d``.
+Segmentation also decodes the mask of each answer's ``[SEG]`` (:func:`m3d_lite.infer.generate_with_masks`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.metrics import compute_dice
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from m3d_lite.data.datasets import CaptionDataset, InstructDataset, VQADataset, read_report
+from m3d_lite.data.datasets import (
+    CaptionDataset,
+    InstructCollator,
+    InstructDataset,
+    VQADataset,
+    read_report,
+)
 from m3d_lite.data.formats import NEGATIVE_MASK_SHAPE, QUESTION_TYPES, box_in_range, parse_box
 from m3d_lite.data.position import RECDataset, SegPair
+from m3d_lite.data.seg_data import RefSegDataset, SegTaskDataset
 from m3d_lite.eval.boxes import accuracy_at, box_iou, m3d_box_iou
 from m3d_lite.eval.metrics import (
     bleu1_m3d,
@@ -34,9 +44,13 @@ from m3d_lite.eval.metrics import (
     rouge1,
     rouge_l,
 )
-from m3d_lite.infer import generate_answers
+from m3d_lite.infer import generate_answers, generate_with_masks
 from m3d_lite.io import save_csv
 from m3d_lite.models.lamed import LaMedForCausalLM
+from m3d_lite.models.segmentation import seg_losses
+
+SEG_SCORES = ("dice", "dice_forced", "soft_dice_forced", "generated_seg")
+REFSEG_QUESTION_TYPES = {0: "description", 1: "reasoning"}  # M3D-RefSeg's Question_Type
 
 
 @dataclass
@@ -53,6 +67,34 @@ def write_rows_csv(result: TaskResult, path: str | os.PathLike) -> Path:
     return save_csv(path, result.rows, list(result.rows[0]) if result.rows else [])
 
 
+def answer_in_batches(
+    dataset: InstructDataset,
+    indices: Sequence[int],
+    batch_size: int,
+    desc: str,
+    progress: bool,
+    answer: Callable[[list[dict[str, Any]]], list[Any]],
+) -> list[tuple[dict[str, Any], Any]]:
+    """(item, its entry of ``answer(batch)``) for the ``indices`` of ``dataset``, read and answered
+    ``batch_size`` at a time; the items come back without their volume, tokens and mask."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    items = (dataset[i] for i in indices)
+    results = []
+    with tqdm(total=len(indices), desc=desc, unit="sample", disable=not progress) as bar:
+        while batch := list(islice(items, batch_size)):
+            answers = answer(batch)
+            kept = (
+                {k: v for k, v in item.items() if k not in ("images", "input_ids", "labels", "seg_mask")}
+                for item in batch
+            )
+            results.extend(zip(kept, answers, strict=True))
+            bar.update(len(batch))
+    if not results:
+        raise ValueError(f"{desc}: no sample to evaluate (empty split, or limit 0)")
+    return results
+
+
 def predict(
     model: LaMedForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -63,27 +105,16 @@ def predict(
     desc: str,
     progress: bool,
 ) -> list[tuple[dict[str, Any], str]]:
-    """(item, greedy answer to its ``"question"`` about its ``"images"``) for the ``indices`` of ``dataset``,
-    read and answered ``batch_size`` at a time; the items come back without their volume and tokens."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    items = (dataset[i] for i in indices)
-    results = []
-    with tqdm(total=len(indices), desc=desc, unit="sample", disable=not progress) as bar:
-        while batch := list(islice(items, batch_size)):
-            images = torch.stack([item["images"] for item in batch])
-            answers = generate_answers(
-                model, tokenizer, images, [item["question"] for item in batch], max_new_tokens
-            )
-            kept = (
-                {k: v for k, v in item.items() if k not in ("images", "input_ids", "labels")}
-                for item in batch
-            )
-            results.extend(zip(kept, answers, strict=True))
-            bar.update(len(batch))
-    if not results:
-        raise ValueError(f"{desc}: no sample to evaluate (empty split, or limit 0)")
-    return results
+    """(item, greedy answer to its ``"question"`` about its ``"images"``) for the ``indices`` of ``dataset``
+    (see :func:`answer_in_batches`)."""
+
+    def answer(batch: list[dict[str, Any]]) -> list[str]:
+        images = torch.stack([item["images"] for item in batch])
+        return generate_answers(
+            model, tokenizer, images, [item["question"] for item in batch], max_new_tokens
+        )
+
+    return answer_in_batches(dataset, indices, batch_size, desc, progress, answer)
 
 
 def head(count: int, limit: int | None) -> range:
@@ -104,17 +135,25 @@ def mean(rows: list[dict[str, Any]], key: str) -> float:
     return sum(float(row[key]) for row in rows) / len(rows)
 
 
-def means_by_type(rows: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, float]:
-    """Mean of each of ``keys`` over ``rows`` (``"key"``), and per question type (``"key/plane"``, ..., for
-    the types present, in :data:`~m3d_lite.data.formats.QUESTION_TYPES` order)."""
+def means_by(
+    rows: list[dict[str, Any]], keys: Iterable[str], group: str, names: Iterable[str]
+) -> dict[str, float]:
+    """Mean of each of ``keys`` over ``rows`` (``"key"``), and over the rows whose ``row[group]`` is each
+    of ``names`` (``"key/name"``, for the names present, in ``names`` order)."""
     summary = {}
     for key in keys:
         summary[key] = mean(rows, key)
-        for name in QUESTION_TYPES.values():
-            of_type = [row for row in rows if row["question_type"] == name]
-            if of_type:
-                summary[f"{key}/{name}"] = mean(of_type, key)
+        for name in names:
+            of_name = [row for row in rows if row[group] == name]
+            if of_name:
+                summary[f"{key}/{name}"] = mean(of_name, key)
     return summary
+
+
+def means_by_type(rows: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, float]:
+    """:func:`means_by` question type (``"key/plane"``, ..., in :data:`~m3d_lite.data.formats.QUESTION_TYPES`
+    order)."""
+    return means_by(rows, keys, "question_type", QUESTION_TYPES.values())
 
 
 def text_scores(prediction: str, reference: str) -> dict[str, float]:
@@ -308,3 +347,136 @@ def evaluate_rec(
         "box_found": sum(row["box"] is not None for row in rows) / len(rows),
     }
     return TaskResult("rec", rows, summary)
+
+
+def segment(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: SegTaskDataset | RefSegDataset,
+    indices: Sequence[int],
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str,
+    progress: bool,
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(item, scores) for the ``indices`` of a segmentation ``dataset``: the generated answer
+    (``prediction``), ``generated_seg`` (it holds ``[SEG]``), ``dice`` of its mask against the item's
+    (M3D's: MONAI ``compute_dice`` of the sigmoid > 0.5 mask, no ``[SEG]`` = an empty mask = 0), and, from
+    the true answer teacher-forced through ``model(...)``, ``dice_forced`` (the same Dice) and
+    ``soft_dice_forced`` (1 - M3D's soft Dice loss, :func:`~m3d_lite.models.segmentation.seg_losses`): the
+    decoder alone, whatever the LLM writes. A true answer truncated before its ``[SEG]`` scores 0 there."""
+    collate = InstructCollator(tokenizer)
+
+    @torch.no_grad()
+    def answer(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        collated = collate(batch)
+        truth = collated["seg_masks"] > 0.5
+        answers, masks = generate_with_masks(
+            model, tokenizer, collated["images"], [item["question"] for item in batch], max_new_tokens
+        )
+        generated = torch.stack(
+            [torch.zeros_like(t) if m is None else m for m, t in zip(masks, truth, strict=True)]
+        )
+        del collated["labels"]  # no language-model loss needed
+        output = model(**{key: value.to(model.device) for key, value in collated.items()})
+        forced = torch.full(truth.shape, -torch.inf)  # sigmoid 0: an empty mask where no [SEG] was forced
+        if output.seg_logits is not None:
+            has_seg = (collated["input_ids"][:, 1:] == model.config.seg_token_id).any(1)
+            forced[has_seg & truth.flatten(1).any(1)] = output.seg_logits.float().cpu()
+        dice = compute_dice(generated, truth, ignore_empty=False)[:, 0].tolist()
+        dice_forced = compute_dice(forced.sigmoid() > 0.5, truth, ignore_empty=False)[:, 0].tolist()
+        return [
+            {
+                "prediction": answers[i],
+                "generated_seg": masks[i] is not None,
+                "dice": dice[i],
+                "dice_forced": dice_forced[i],
+                "soft_dice_forced": 1 - seg_losses(forced[i : i + 1], truth[i : i + 1])["dice"].item(),
+            }
+            for i in range(len(batch))
+        ]
+
+    return answer_in_batches(dataset, indices, batch_size, desc, progress, answer)
+
+
+def require_seg_module(model: LaMedForCausalLM, task: str) -> None:
+    """A ValueError naming ``task`` when ``model`` cannot produce masks."""
+    if model.seg_module is None:
+        raise ValueError(f"{task}: this model has no seg module; train stage 2 with segmentation first")
+
+
+def evaluate_segmentation(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 4,
+    max_new_tokens: int = 16,
+    progress: bool = True,
+) -> TaskResult:
+    """Semantic segmentation by class name ("can you segment the liver?") on the first ``limit``
+    POSITIVE (image, class) pairs of M3D-Seg ``split`` (absent classes are skipped, as in REC).
+
+    M3D reports the Dice of the mask decoded from the generated ``[SEG]`` (sigmoid > 0.5; none: Dice 0);
+    we add the teacher-forced Dice of the decoder fed the true answer (see :func:`segment`). Rows: image,
+    class_name, question, prediction, generated_seg, dice, dice_forced, soft_dice_forced. Summary: the
+    means of dice, dice_forced, soft_dice_forced and generated_seg (the share of answers with ``[SEG]``),
+    overall and per class (``dice/liver``, ...).
+    """
+    require_seg_module(model, "segmentation")
+    config = model.config
+    dataset = SegTaskDataset(data_dir, split, tokenizer, config.proj_out_num, config.model_max_length)
+    positives = [i for i, pair in enumerate(dataset.pairs) if is_positive(pair)]
+    indices = [positives[i] for i in head(len(positives), limit)]
+    scored = segment(
+        model, tokenizer, dataset, indices, batch_size, max_new_tokens, f"segmentation ({split})", progress
+    )
+    rows = [
+        {
+            "image": item["image_path"],
+            "class_name": item["class_name"],
+            "question": item["question"],
+            **scores,
+        }
+        for item, scores in scored
+    ]
+    classes = sorted({row["class_name"] for row in rows})
+    return TaskResult("segmentation", rows, means_by(rows, SEG_SCORES, "class_name", classes))
+
+
+def evaluate_referring_segmentation(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 4,
+    max_new_tokens: int = 16,
+    progress: bool = True,
+) -> TaskResult:
+    """Referring segmentation on the first ``limit`` rows of M3D-RefSeg ``split``, asked with the csv
+    question; scored as :func:`evaluate_segmentation` (M3D: Dice of the generated mask; added: the
+    teacher-forced Dice). Rows: image, mask_id, question_type (description or reasoning), question,
+    prediction, generated_seg, dice, dice_forced, soft_dice_forced. Summary: the means of dice,
+    dice_forced, soft_dice_forced and generated_seg, overall and per question type (``dice/reasoning``, ...).
+    """
+    require_seg_module(model, "referring segmentation")
+    config = model.config
+    dataset = RefSegDataset(data_dir, split, tokenizer, config.proj_out_num, config.model_max_length)
+    indices = head(len(dataset), limit)
+    scored = segment(
+        model, tokenizer, dataset, indices, batch_size, max_new_tokens, f"referring seg ({split})", progress
+    )
+    rows = [
+        {
+            "image": item["image_path"],
+            "mask_id": item["mask_id"],
+            "question_type": REFSEG_QUESTION_TYPES[dataset.rows[i]["Question_Type"]],
+            "question": item["question"],
+            **scores,
+        }
+        for i, (item, scores) in zip(indices, scored, strict=True)
+    ]
+    summary = means_by(rows, SEG_SCORES, "question_type", REFSEG_QUESTION_TYPES.values())
+    return TaskResult("referring_segmentation", rows, summary)
