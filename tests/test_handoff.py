@@ -16,10 +16,10 @@ def test_stage0_encoder_found_missing_or_of_another_scale(tmp_path, capsys):
     assert stage0_encoder("", out_dir, "ci") == clip_run / "vision_encoder"
     with pytest.raises(ValueError, match=r"trained on \[32, 64, 64\] volumes, scale small has \[32, 128"):
         stage0_encoder("", out_dir, "small")
-    with pytest.raises(FileNotFoundError, match="nowhere: no vision_encoder/"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no vision_encoder in it"):
         stage0_encoder(tmp_path / "nowhere", out_dir, "ci")
 
 
 def test_stage1_run_refuses_a_given_folder_without_a_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="empty: no model/config.json"):
+    with pytest.raises(FileNotFoundError, match="empty: no model/config.json in it"):
         stage1_run(tmp_path / "empty", tmp_path / "out", "ci", tmp_path)
