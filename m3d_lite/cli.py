@@ -162,15 +162,24 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     from m3d_lite.eval.bench import run_bench
+    from m3d_lite.eval.report import headline_table
 
-    results = run_bench(
-        args.model, args.data, args.out, tasks=args.tasks, pool_size=args.pool_size, seed=args.seed
+    bench = run_bench(
+        args.model,
+        args.data,
+        args.out,
+        tasks=args.tasks,
+        clip_dir=args.clip,
+        split=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        force=args.force,
+        pool_size=args.pool_size,
+        seed=args.seed,
     )
-    print(json.dumps(results["tasks"], indent=2))
-    print(f"results: {Path(args.out) / 'bench.json'}")
+    print(headline_table(bench))
+    print(f"results: {Path(args.out) / 'bench.json'}; report: {Path(args.out) / 'report.html'} (and .md)")
     return 0
 
 
@@ -228,12 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("."), help="folder for the mask and the picture")
     p.set_defaults(func=cmd_infer)
 
-    p = groups.add_parser("bench", help="evaluate a trained model on M3D-Bench tasks; writes bench.json")
-    p.add_argument("--model", required=True, type=Path, help="a run folder (with model/) or a model folder")
+    p = groups.add_parser(
+        "bench", help="evaluate a trained model on M3D-Bench; writes CSVs, bench.json, report"
+    )
+    p.add_argument(
+        "--model", required=True, type=Path, help="a LaMed run, model folder or export (or a CLIP run)"
+    )
     p.add_argument("--data", required=True, type=Path, help="dataset root in the M3D layout")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--tasks", nargs="+", default=["retrieval"], help="task names or 'all'")
-    p.add_argument("--pool-size", type=int, default=100, help="retrieval pool (and the full test split)")
+    p.add_argument(
+        "--tasks", nargs="+", default=["all"], help="task names or 'all' (skips what the model lacks)"
+    )
+    p.add_argument(
+        "--clip", type=Path, default=None, help="CLIP run for retrieval (default: --model if a CLIP)"
+    )
+    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--limit", type=int, default=None, help="first N samples per generative task (default all)"
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--force", action="store_true", help="rerun tasks already in --out")
+    p.add_argument("--pool-size", type=int, default=100, help="retrieval pool (and the full split)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
 

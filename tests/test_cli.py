@@ -144,6 +144,9 @@ def test_train_clip_then_bench_retrieval(phantom_root, tmp_path, capsys):
     )
     results = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert set(results["tasks"]["retrieval"]["pool_100"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
+    assert "rec" in results["skipped"]  # a CLIP run as --model: only retrieval runs under the default "all"
+    printed = capsys.readouterr().out
+    assert "| retrieval | R@1 IR (pool" in printed and "report.html" in printed
     assert (
         main(
             [

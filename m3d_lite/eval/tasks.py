@@ -1,4 +1,4 @@
-"""M3D-Bench's generative tasks for a LaMed model: closed VQA, open VQA, report generation, REC and
+"""M3D-Bench's generative tasks for a LaMed model: closed VQA, open VQA, report generation, REC, REG and
 (referring) segmentation.
 
 Each ``evaluate_*`` answers the first ``limit`` samples of a split (deterministic, all when None) by
@@ -33,14 +33,16 @@ from m3d_lite.data.datasets import (
     read_report,
 )
 from m3d_lite.data.formats import NEGATIVE_MASK_SHAPE, QUESTION_TYPES, box_in_range, parse_box
-from m3d_lite.data.position import RECDataset, SegPair
+from m3d_lite.data.position import RECDataset, REGDataset, SegPair
 from m3d_lite.data.seg_data import RefSegDataset, SegTaskDataset
 from m3d_lite.eval.boxes import accuracy_at, box_iou, m3d_box_iou
 from m3d_lite.eval.metrics import (
+    bertscore_f1,
     bleu1_m3d,
     closed_vqa_correct_exact,
     closed_vqa_correct_m3d,
     corpus_bleu4,
+    meteor,
     rouge1,
     rouge_l,
 )
@@ -130,6 +132,12 @@ def is_positive(pair: SegPair) -> bool:
     return np.load(pair.mask, mmap_mode="r", allow_pickle=False).shape != NEGATIVE_MASK_SHAPE
 
 
+def first_positives(pairs: Sequence[SegPair], limit: int | None) -> list[int]:
+    """Positions of the first ``limit`` pairs whose class is in the image (all when None)."""
+    positives = [i for i, pair in enumerate(pairs) if is_positive(pair)]
+    return [positives[i] for i in head(len(positives), limit)]
+
+
 def mean(rows: list[dict[str, Any]], key: str) -> float:
     """Mean of ``row[key]`` over ``rows`` (a flag counts as 0 or 1)."""
     return sum(float(row[key]) for row in rows) / len(rows)
@@ -156,11 +164,17 @@ def means_by_type(rows: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, 
     return means_by(rows, keys, "question_type", QUESTION_TYPES.values())
 
 
+TEXT_SCORES = ("bleu1", "rouge1", "meteor", "bertscore", "rouge_l")
+
+
 def text_scores(prediction: str, reference: str) -> dict[str, float]:
-    """M3D's BLEU-1 and ROUGE-1 and the standard ROUGE-L of one answer."""
+    """M3D's four text metrics of one answer (BLEU-1, ROUGE-1, METEOR; BERTScore F1 with the offline MiniLM
+    encoder instead of M3D's roberta-large) and the standard ROUGE-L; keys :data:`TEXT_SCORES`."""
     return {
         "bleu1": bleu1_m3d(prediction, reference),
         "rouge1": rouge1(prediction, reference),
+        "meteor": meteor(prediction, reference),
+        "bertscore": bertscore_f1([prediction], [reference])[0],
         "rouge_l": rouge_l(prediction, reference),
     }
 
@@ -254,7 +268,7 @@ def evaluate_open_vqa(
         False,
         lambda prediction, vqa: text_scores(prediction, vqa.answer),
     )
-    return TaskResult("open_vqa", rows, means_by_type(rows, ("bleu1", "rouge1", "rouge_l")))
+    return TaskResult("open_vqa", rows, means_by_type(rows, TEXT_SCORES))
 
 
 def evaluate_reports(
@@ -289,7 +303,7 @@ def evaluate_reports(
                 **text_scores(prediction, report),
             }
         )
-    summary = {key: mean(rows, key) for key in ("bleu1", "rouge1", "rouge_l")}
+    summary = {key: mean(rows, key) for key in TEXT_SCORES}
     summary["corpus_bleu4"] = corpus_bleu4([r["prediction"] for r in rows], [r["answer"] for r in rows])
     return TaskResult("reports", rows, summary)
 
@@ -317,8 +331,7 @@ def evaluate_rec(
     """
     config = model.config
     dataset = RECDataset(data_dir, split, tokenizer, config.proj_out_num, config.model_max_length)
-    positives = [i for i, pair in enumerate(dataset.pairs) if is_positive(pair)]
-    indices = [positives[i] for i in head(len(positives), limit)]
+    indices = first_positives(dataset.pairs, limit)
     answered = predict(
         model, tokenizer, dataset, indices, batch_size, max_new_tokens, f"REC ({split})", progress
     )
@@ -347,6 +360,46 @@ def evaluate_rec(
         "box_found": sum(row["box"] is not None for row in rows) / len(rows),
     }
     return TaskResult("rec", rows, summary)
+
+
+def evaluate_reg(
+    model: LaMedForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> TaskResult:
+    """REG by class ("what is in [box]?" -> the class name) on the first ``limit`` POSITIVE (image, class)
+    pairs of M3D-Seg ``split``, as in :func:`evaluate_rec`. M3D scores REG with the text scores only; we
+    add ``class_named``: the class name appears in the prediction (case-insensitive), the question REG
+    really asks. M3D also asks for a description of the class; that is not evaluated here.
+
+    Rows: image, class_name, question, prediction, answer (the dataset's phrasing), bleu1, rouge1,
+    rouge_l, class_named. Summary: their means.
+    """
+    config = model.config
+    dataset = REGDataset(data_dir, split, tokenizer, config.proj_out_num, config.model_max_length)
+    indices = first_positives(dataset.pairs, limit)
+    answered = predict(
+        model, tokenizer, dataset, indices, batch_size, max_new_tokens, f"REG ({split})", progress
+    )
+    rows = [
+        {
+            "image": item["image_path"],
+            "class_name": item["class_name"],
+            "question": item["question"],
+            "prediction": prediction,
+            "answer": item["answer"],
+            **text_scores(prediction, item["answer"]),
+            "class_named": item["class_name"].lower() in prediction.lower(),
+        }
+        for item, prediction in answered
+    ]
+    summary = {key: mean(rows, key) for key in (*TEXT_SCORES, "class_named")}
+    return TaskResult("reg", rows, summary)
 
 
 def segment(
@@ -427,8 +480,7 @@ def evaluate_segmentation(
     require_seg_module(model, "segmentation")
     config = model.config
     dataset = SegTaskDataset(data_dir, split, tokenizer, config.proj_out_num, config.model_max_length)
-    positives = [i for i, pair in enumerate(dataset.pairs) if is_positive(pair)]
-    indices = [positives[i] for i in head(len(positives), limit)]
+    indices = first_positives(dataset.pairs, limit)
     scored = segment(
         model, tokenizer, dataset, indices, batch_size, max_new_tokens, f"segmentation ({split})", progress
     )
