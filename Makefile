@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 SCALE ?= ci
+FORCE ?= 0
+COURSE_OUT ?= runs/course
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.m3d-lite-installed
 # JupyterLab defaults of this venv: open *.py as notebooks (jupytext); a user's own settings still win
@@ -29,8 +31,12 @@ $(LAB_SETTINGS): jupyter/overrides.json | $(STAMP)
 	mkdir -p $(@D)
 	cp $< $@
 
+# notebooks 01-06 in order into runs/course/ (finished ones are reused; FORCE=1 reruns them all), then
+# where the M3D-Bench report is and its headline table
 course: $(STAMP)
-	$(BIN)/m3d-lite course run-all --notebooks notebooks --out runs -p SCALE $(SCALE)
+	$(BIN)/m3d-lite course run-all --notebooks notebooks --out $(COURSE_OUT) -p SCALE $(SCALE) \
+		$(if $(filter 1,$(FORCE)),--force)
+	@$(BIN)/python -m m3d_lite.eval.report $(COURSE_OUT)/06_benchmark
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

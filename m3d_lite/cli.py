@@ -82,7 +82,8 @@ def cmd_course_run(args: argparse.Namespace) -> int:
 def cmd_course_run_all(args: argparse.Namespace) -> int:
     from m3d_lite.course.run import run_all
 
-    runs = run_all(Path(args.notebooks), Path(args.out), _parameters(args.parameter), timeout=args.timeout)
+    parameters = _parameters(args.parameter)
+    runs = run_all(Path(args.notebooks), Path(args.out), parameters, timeout=args.timeout, force=args.force)
     return 1 if any(run.error for run in runs) else 0
 
 
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs"))
     p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"))
     p.add_argument("--timeout", type=float, default=None, help="seconds per cell")
+    p.add_argument("--force", action="store_true", help="run every notebook, also those finished before")
     p.set_defaults(func=cmd_course_run_all)
 
     p = course.add_parser("make-student", help="write notebooks/ from solutions/ (--check: fail on drift)")

@@ -156,3 +156,28 @@ def test_reg_scores_the_true_answers_fully(phantom8, runs, monkeypatch):
     ]  # fmt: skip
     assert result.summary["bleu1"] == pytest.approx(1.0) and result.summary["class_named"] == 1.0
     assert result.summary["rouge_l"] == pytest.approx(1.0)
+
+
+def test_merge_benches_and_print_the_headline(tmp_path, capsys):
+    from m3d_lite.eval.bench import merge_benches
+    from m3d_lite.eval.report import main as report_main
+
+    language, seg = tmp_path / "language", tmp_path / "seg"
+    for folder, task in ((language, "reg"), (seg, "segmentation")):
+        folder.mkdir()
+        (folder / f"{task}.csv").write_text("question,prediction\nq,p\n")
+    benches = [
+        (
+            {"model": "m1", "tasks": {"reg": {"bleu1": 0.5}}, "skipped": {"segmentation": "no seg module"}},
+            language,
+        ),
+        ({"model": "m2", "tasks": {"segmentation": {"dice": 0.25}}, "skipped": {}}, seg),
+    ]
+    merged = merge_benches(benches, tmp_path / "all")
+    assert set(merged["tasks"]) == {"reg", "segmentation"} and merged["skipped"] == {}
+    assert [run["model"] for run in merged["runs"]] == ["m1", "m2"]
+    assert (tmp_path / "all" / "reg.csv").is_file() and (tmp_path / "all" / "segmentation.csv").is_file()
+    assert report_main([str(tmp_path / "all")]) == 0
+    printed = capsys.readouterr().out
+    assert "report.html" in printed and "| segmentation | Dice generated 25.0" in printed
+    assert report_main([str(tmp_path / "nothing")]) == 1

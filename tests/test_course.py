@@ -181,6 +181,23 @@ def test_run_all_continues_past_a_failure(tmp_path, capsys):
     assert "01_fails.py" in table and "error: PapermillExecutionError" in table and "ok" in table
 
 
+def test_run_all_reuses_finished_notebooks_until_one_changes(tmp_path, capsys):
+    for name in ("01_a.py", "02_b.py", "03_c.py"):
+        write_notebook(tmp_path / "nbs" / name, PARAMETERISED + "Path(OUTPUT_DIR).mkdir(parents=True)\n")
+    first = run_all(tmp_path / "nbs", tmp_path / "runs", parameters={"X": 1}, timeout=60)
+    assert [r.reused for r in first] == [False] * 3 and all(r.error is None for r in first)
+    again = run_all(tmp_path / "nbs", tmp_path / "runs", parameters={"X": 1}, timeout=60)
+    assert [r.reused for r in again] == [True] * 3 and "reused" in capsys.readouterr().out
+    notebook = tmp_path / "nbs" / "02_b.py"
+    notebook.write_text(notebook.read_text() + "print('changed')\n")
+    changed = run_all(tmp_path / "nbs", tmp_path / "runs", parameters={"X": 1}, timeout=60)
+    assert [r.reused for r in changed] == [True, False, False]  # 03 builds on 02: it runs again too
+    other = run_all(tmp_path / "nbs", tmp_path / "runs", parameters={"X": 2}, timeout=60)
+    assert not any(r.reused for r in other)  # other parameters: nothing is reused
+    forced = run_all(tmp_path / "nbs", tmp_path / "runs", parameters={"X": 2}, timeout=60, force=True)
+    assert not any(r.reused for r in forced)
+
+
 def reference_scale(x, factor=2.0):
     return x * factor
 

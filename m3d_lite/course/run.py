@@ -7,6 +7,8 @@ read jupytext files, so this module converts them with jupytext and calls paperm
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ class NotebookRun:
     output: Path
     seconds: float
     error: str | None  # None on success, else "ExceptionClass: message"
+    reused: bool = False  # True: finished in an earlier run_all, not run again
 
 
 def parse_parameter(value: str) -> Any:
@@ -112,32 +115,51 @@ def run_notebook(
     return NotebookRun(source=notebook, output=output, seconds=seconds, error=error)
 
 
+def run_stamp(notebook: Path, parameters: dict[str, Any]) -> str:
+    """What a finished run of ``notebook`` depends on: its text and its parameters, as one JSON line."""
+    digest = hashlib.sha256(Path(notebook).read_bytes()).hexdigest()
+    return json.dumps({"notebook": digest, "parameters": parameters}, sort_keys=True, default=str)
+
+
 def run_all(
     notebooks_dir: Path,
     out_dir: Path,
     parameters: dict | None = None,
     pattern: str = "[0-9][0-9]_*.py",
     timeout: float | None = None,
+    force: bool = False,
 ) -> list[NotebookRun]:
     """Run every notebook matching `pattern` in order, to `out_dir/<stem>.ipynb`, and print a summary.
 
     Each notebook gets `OUTPUT_DIR=out_dir/<stem>` (absolute) unless `parameters` sets it. A failure does
     not stop the others, so one run reports every broken notebook; check `run.error` for each.
+    Finished stages are reused: a notebook that ran to the end with the same text and parameters
+    (`out_dir/<stem>.done`) is not run again, as long as every notebook before it was reused too, since a
+    later notebook builds on the runs of the earlier ones. `force=True` runs them all.
     """
     notebooks_dir, out_dir = Path(notebooks_dir), Path(out_dir)
     notebooks = sorted(notebooks_dir.glob(pattern))
     if not notebooks:
         raise FileNotFoundError(f"no notebook matches {notebooks_dir.resolve() / pattern}")
-    runs = []
+    runs, reusing = [], not force
     for i, notebook in enumerate(notebooks, start=1):
-        print(f"[{i}/{len(notebooks)}] {notebook}", flush=True)
         notebook_parameters = {"OUTPUT_DIR": str((out_dir / notebook.stem).resolve()), **(parameters or {})}
-        output = out_dir / f"{notebook.stem}.ipynb"
+        output, done = out_dir / f"{notebook.stem}.ipynb", out_dir / f"{notebook.stem}.done"
+        stamp = run_stamp(notebook, notebook_parameters)
+        reusing = reusing and output.is_file() and done.is_file() and done.read_text() == stamp
+        if reusing:
+            print(f"[{i}/{len(notebooks)}] {notebook}: finished before, reused (--force runs it)", flush=True)
+            runs.append(NotebookRun(notebook, output.resolve(), 0.0, None, reused=True))
+            continue
+        print(f"[{i}/{len(notebooks)}] {notebook}", flush=True)
+        done.unlink(missing_ok=True)
         run = run_notebook(notebook, output, notebook_parameters, timeout=timeout, raise_on_error=False)
+        if run.error is None:
+            save_text(done, stamp)
         runs.append(run)
     width = max(len(run.source.name) for run in runs)
     print(f"\n{'notebook':<{width}}  {'seconds':>8}  result")
     for run in runs:
-        result = "ok" if run.error is None else f"error: {run.error}"[:100]
+        result = "reused" if run.reused else "ok" if run.error is None else f"error: {run.error}"[:100]
         print(f"{run.source.name:<{width}}  {run.seconds:8.1f}  {result}")
     return runs

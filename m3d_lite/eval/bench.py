@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,24 @@ def run_bench(
     save_json(out_dir / "bench.json", bench)  # also when every task was done already: the new settings
     write_report(bench, out_dir)
     return bench
+
+
+def merge_benches(
+    runs: Sequence[tuple[dict[str, Any], str | os.PathLike]], out_dir: str | os.PathLike
+) -> dict[str, Any]:
+    """One benchmark of several (bench.json dict, its folder) runs, e.g. the language tasks of one model and
+    the segmentation tasks of another: tasks merged (a later run wins), the per-sample CSVs copied to
+    ``out_dir``, a task skipped in one run but done in another no longer skipped, and the settings of
+    each run kept under ``runs``. Written to ``out_dir/bench.json``; :func:`write_report` reads it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged: dict[str, Any] = {"runs": [], "tasks": {}, "skipped": {}}
+    for bench, folder in runs:
+        merged["runs"].append({k: v for k, v in bench.items() if k not in ("tasks", "skipped")})
+        merged["skipped"].update(bench.get("skipped", {}))
+        for task, result in bench["tasks"].items():
+            merged["tasks"][task] = result
+            shutil.copyfile(csv_path(Path(folder), task), csv_path(out_dir, task))
+    merged["skipped"] = {k: v for k, v in merged["skipped"].items() if k not in merged["tasks"]}
+    save_json(out_dir / "bench.json", merged)
+    return merged

@@ -14,6 +14,7 @@ import csv
 import html
 import json
 import os
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -143,8 +144,10 @@ def rec_picture(row: dict[str, str]) -> Figure:
 def report_blocks(bench: dict[str, Any], out_dir: Path) -> list[tuple]:
     """The report as blocks ``("h2", text)``, ``("p", text)``, ``("table", header, rows)`` and
     ``("image", file name, figure)``, rendered by :func:`write_report` to markdown and HTML."""
-    settings = ", ".join(f"{key} {bench.get(key)}" for key in ("model", "clip", "data", "split", "limit"))
-    blocks: list[tuple] = [("p", settings), ("table", HEADLINE_HEADER, headline_rows(bench))]
+    keys = ("model", "clip", "data", "split", "limit")
+    runs = bench.get("runs", [bench])  # a merged bench (bench.merge_benches) lists the settings of each run
+    blocks: list[tuple] = [("p", ", ".join(f"{key} {run.get(key)}" for key in keys)) for run in runs]
+    blocks.append(("table", HEADLINE_HEADER, headline_rows(bench)))
     finished = [task for task in TASKS if task in bench["tasks"]]
     if finished:
         scores = {}
@@ -218,3 +221,19 @@ def write_report(bench: dict[str, Any], out_dir: str | os.PathLike) -> tuple[Pat
         save_text(out_dir / "report.md", "\n\n".join(markdown) + "\n"),
         save_text(out_dir / "report.html", page),
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m m3d_lite.eval.report DIR``: print where DIR's report is and its headline table."""
+    folder = Path((argv if argv is not None else sys.argv[1:])[0])
+    bench_json = folder / "bench.json"
+    if not bench_json.is_file():
+        print(f"{bench_json}: not found; run the benchmark first (m3d-lite bench, or notebook 06)")
+        return 1
+    print(f"M3D-Bench report: {folder / 'report.html'} (and report.md)\n")
+    print(headline_table(json.loads(bench_json.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
