@@ -87,15 +87,21 @@ def trim_report(
     return " ".join(sentences[i] for i in (sorted(kept) if keep_order else kept))
 
 
-def cap_split(data_root: str | os.PathLike, split: str) -> tuple[Path, list[CapItem]]:
-    """The ``M3D_Cap`` folder of ``data_root`` and the (image, text) pairs of ``split`` in its json."""
-    folder = Path(data_root) / "M3D_Cap"
-    json_path = folder / "M3D_Cap.json"
-    if not json_path.is_file():
+def dataset_file(data_root: str | os.PathLike, relative: str) -> Path:
+    """``data_root/relative``, which must exist: else an error names it and says what ``data_root`` is."""
+    path, folder = Path(data_root) / relative, Path(relative).parts[0]
+    if not path.is_file():
         raise FileNotFoundError(
-            f"{json_path}: file not found; data_root must be the dataset root that holds M3D_Cap/ "
+            f"{path}: file not found; data_root must be the dataset root that holds {folder}/ "
             "(e.g. the --out folder of `m3d-lite data phantom`)"
         )
+    return path
+
+
+def cap_split(data_root: str | os.PathLike, split: str) -> tuple[Path, list[CapItem]]:
+    """The ``M3D_Cap`` folder of ``data_root`` and the (image, text) pairs of ``split`` in its json."""
+    json_path = dataset_file(data_root, "M3D_Cap/M3D_Cap.json")
+    folder = json_path.parent
     splits = read_cap_json(json_path)
     if split not in splits:
         raise DatasetError(f"{json_path}: no split {split!r}; the splits present are {sorted(splits)}")
@@ -311,12 +317,7 @@ class VQADataset(InstructDataset):
         super().__init__(tokenizer, num_image_tokens, max_length, seed, chat_template, augment)
         if split not in VQA_FILES:
             raise DatasetError(f"no M3D-VQA split {split!r}; expected one of {sorted(VQA_FILES)}")
-        self.csv_path = Path(data_root) / "M3D_VQA" / VQA_FILES[split]
-        if not self.csv_path.is_file():
-            raise FileNotFoundError(
-                f"{self.csv_path}: file not found; data_root must be the dataset root that holds M3D_VQA/ "
-                "and M3D_Cap/ (e.g. the --out folder of `m3d-lite data phantom`)"
-            )
+        self.csv_path = dataset_file(data_root, f"M3D_VQA/{VQA_FILES[split]}")
         self.rows = read_vqa_csv(self.csv_path)
         self.image_folder = Path(data_root) / "M3D_Cap"
         self.closed = closed

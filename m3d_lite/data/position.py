@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from m3d_lite.data.augment import train_augmentation
-from m3d_lite.data.datasets import InstructDataset, augmentation_seed, load_volume_tensor
+from m3d_lite.data.datasets import InstructDataset, augmentation_seed, dataset_file, load_volume_tensor
 from m3d_lite.data.formats import (
     NEGATIVE_MASK_SHAPE,
     SEG_SPLITS,
@@ -59,13 +59,8 @@ def seg_pairs(data_root: str | os.PathLike, split: str) -> list[SegPair]:
     """Every (image, class mask) pair of ``split`` over the codes of ``M3D_Seg/dataset_info.json``."""
     if split not in SEG_SPLITS:
         raise DatasetError(f"no M3D-Seg split {split!r}; expected one of {list(SEG_SPLITS)}")
-    folder = Path(data_root) / "M3D_Seg"
-    info_path = folder / "dataset_info.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(
-            f"{info_path}: file not found; data_root must be the dataset root that holds M3D_Seg/ "
-            "(e.g. the --out folder of `m3d-lite data phantom`)"
-        )
+    info_path = dataset_file(data_root, "M3D_Seg/dataset_info.json")
+    folder = info_path.parent
     pairs = []
     for code, class_names in json.loads(info_path.read_text(encoding="utf-8")).items():
         json_path = folder / code / f"{code}.json"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from m3d_lite.data.datasets import InstructDataset, augmentation_seed, load_volume_tensor
+from m3d_lite.data.datasets import InstructDataset, augmentation_seed, dataset_file, load_volume_tensor
 from m3d_lite.data.formats import REFSEG_FILES, DatasetError, read_refseg_csv
 from m3d_lite.data.position import SegPairDataset, augment_with_mask, load_mask
 from m3d_lite.data.text import negative_answer, seg_answer, seg_question
@@ -91,13 +91,8 @@ class RefSegDataset(InstructDataset):
         super().__init__(tokenizer, num_image_tokens, max_length, seed, chat_template, augment)
         if split not in REFSEG_FILES:
             raise DatasetError(f"no M3D-RefSeg split {split!r}; expected one of {sorted(REFSEG_FILES)}")
-        self.folder = Path(data_root) / "M3D_RefSeg"
-        self.csv_path = self.folder / REFSEG_FILES[split]
-        if not self.csv_path.is_file():
-            raise FileNotFoundError(
-                f"{self.csv_path}: file not found; data_root must be the dataset root that holds "
-                "M3D_RefSeg/ (e.g. the --out folder of `m3d-lite data phantom`)"
-            )
+        self.csv_path = dataset_file(data_root, f"M3D_RefSeg/{REFSEG_FILES[split]}")
+        self.folder = self.csv_path.parent
         self.rows = read_refseg_csv(self.csv_path)
 
     def __len__(self) -> int:
