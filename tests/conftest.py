@@ -21,3 +21,14 @@ def phantom8(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantom8")
     write_phantom_dataset(root, num_volumes=8, scale="ci", seed=0, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer (the tiny LLMs use it) with M3D's tokens added; read it, never change it."""
+    from m3d_lite.models.pretrained import load_llm_tokenizer
+    from m3d_lite.models.tokenizer import add_m3d_tokens
+
+    tokenizer = load_llm_tokenizer("tiny-llama")
+    add_m3d_tokens(tokenizer)
+    return tokenizer

@@ -19,8 +19,7 @@ from m3d_lite.data.datasets import (
 )
 from m3d_lite.data.formats import VQA_COLUMNS, DatasetError, read_vqa_csv
 from m3d_lite.data.text import CAPTION_PROMPTS
-from m3d_lite.models.pretrained import load_llm_tokenizer
-from m3d_lite.models.tokenizer import IMAGE_TOKEN, add_m3d_tokens
+from m3d_lite.models.tokenizer import IMAGE_TOKEN
 
 NUM_IMAGE_TOKENS = 64  # the ci projector's output: 8 x 8 x 8 patches pooled by 2
 MAX_LENGTH = 512  # room for every phantom report: trimming is tested on its own
@@ -29,13 +28,6 @@ MAX_LENGTH = 512  # room for every phantom report: trimming is tested on its own
 @pytest.fixture(scope="module")
 def root(phantom8):
     return phantom8
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tokenizer = load_llm_tokenizer("tiny-llama")
-    add_m3d_tokens(tokenizer)
-    return tokenizer
 
 
 def caption_data(root, tokenizer, max_length=MAX_LENGTH, seed=0) -> CaptionDataset:

@@ -15,19 +15,11 @@ from m3d_lite.data.datasets import CaptionDataset, InstructCollator, mix_dataset
 from m3d_lite.data.formats import DatasetError, mask_to_box, parse_box
 from m3d_lite.data.position import RECDataset, REGDataset, position_datasets
 from m3d_lite.data.text import NEGATIVE_ANSWERS, TERM_DICTIONARY
-from m3d_lite.models.pretrained import load_llm_tokenizer
-from m3d_lite.models.tokenizer import BOX_END, BOX_START, add_m3d_tokens
+from m3d_lite.models.tokenizer import BOX_END, BOX_START
 
 NUM_IMAGE_TOKENS = 64
 MAX_LENGTH = 256
 IMAGE_SHAPE = (1, 32, 64, 64)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tokenizer = load_llm_tokenizer("tiny-llama")
-    add_m3d_tokens(tokenizer)
-    return tokenizer
 
 
 @pytest.fixture(scope="module")

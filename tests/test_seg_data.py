@@ -10,25 +10,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_position_data import answer_text, geometry_of
+from test_position_data import IMAGE_SHAPE, MAX_LENGTH, NUM_IMAGE_TOKENS, answer_text, geometry_of
 
 from m3d_lite.data.datasets import CaptionDataset, InstructCollator
 from m3d_lite.data.formats import SEG_TOKEN, DatasetError
 from m3d_lite.data.seg_data import RefSegDataset, SegTaskDataset, segmentation_datasets
 from m3d_lite.data.text import NEGATIVE_ANSWERS, TERM_DICTIONARY
-from m3d_lite.models.pretrained import load_llm_tokenizer
-from m3d_lite.models.tokenizer import add_m3d_tokens
-
-NUM_IMAGE_TOKENS = 64
-MAX_LENGTH = 256
-IMAGE_SHAPE = (1, 32, 64, 64)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tokenizer = load_llm_tokenizer("tiny-llama")
-    add_m3d_tokens(tokenizer)
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
