@@ -80,7 +80,9 @@ class TrainConfig:
     """One training stage's loop settings (section ``train_<stage>`` of a preset).
 
     ``batch_size`` is per process; the global batch is ``batch_size * processes * grad_accum_steps``.
-    ``max_steps`` counts optimizer steps and wins over ``epochs`` when set.
+    ``max_steps`` counts optimizer steps and wins over ``epochs`` when set. ``module_learning_rates``
+    gives named submodules their own learning rate (``{"seg_module": 1e-3}``: every parameter with a
+    ``seg_module`` in its dotted name); the rest train at ``learning_rate``.
     """
 
     batch_size: int
@@ -96,6 +98,16 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     seed: int = 42
+    module_learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        rates = dict(self.module_learning_rates or {})
+        for module, rate in rates.items():
+            try:
+                rates[module] = float(rate)
+            except (TypeError, ValueError):
+                raise ValueError(f"module_learning_rates[{module!r}] = {rate!r} is not a number") from None
+        object.__setattr__(self, "module_learning_rates", rates)
 
     @classmethod
     def from_scale(cls, scale: str, stage: str, **overrides: Any) -> TrainConfig:

@@ -130,3 +130,16 @@ def test_add_seg_module_then_save_and_reload(tmp_path):
     torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="already has a seg module"):
         model.add_seg_module(SegConfig.from_scale("ci"))
+
+
+def test_seg_encoder_starts_from_the_vision_tower_or_refuses_another_geometry():
+    model, _ = build(segmentation=False)
+    model.add_seg_module(SegConfig.from_scale("ci"), encoder_from_vision=True)
+    tower = model.vision_tower.vision_tower.state_dict()
+    encoder = model.seg_module.image_encoder.state_dict()
+    assert set(tower) - set(encoder) == {"cls_token"}
+    for key, value in encoder.items():
+        assert torch.equal(value, tower[key]), key
+    other, _ = build(segmentation=False)
+    with pytest.raises(ValueError, match=r"differ in \{'hidden_size': \(64, 32\)"):
+        other.add_seg_module(SegConfig.from_scale("ci", hidden_size=32, mlp_dim=64), encoder_from_vision=True)

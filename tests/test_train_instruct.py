@@ -184,7 +184,8 @@ def test_stage2_adds_and_trains_a_seg_module_on_seg_tasks(phantom8, stage1, run)
     model, tokenizer = load_lamed_lora(run.out_dir)
     base = model.get_base_model()
     assert load_stage1(stage1)[0].seg_module is None and base.seg_module is not None  # added in stage 2
-    assert json.loads((run.out_dir / "run.json").read_text())["segmentation"] is True
+    settings = json.loads((run.out_dir / "run.json").read_text())
+    assert settings["segmentation"] is True and settings["seg_encoder_from_vision"] is True
     config = base.config
     data = instruction_data(
         phantom8, "train", tokenizer, config.proj_out_num, config.model_max_length, segmentation=True

@@ -145,10 +145,36 @@ def test_gradient_accumulation_2x4_equals_batch_8(tmp_path):
 def test_weight_decay_spares_biases_norms_and_embeddings():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8))
     model[2].requires_grad_(False)
-    decay, no_decay = parameter_groups(model, 0.1)
-    assert decay["params"] == [model[1].weight] and decay["weight_decay"] == 0.1
-    assert no_decay["params"] == [model[0].weight, model[1].bias] and no_decay["weight_decay"] == 0.0
+    groups = {g["weight_decay"]: g for g in parameter_groups(model, 0.1, 1e-3)}
+    assert groups[0.1]["params"] == [model[1].weight]
+    assert groups[0.0]["params"] == [model[0].weight, model[1].bias]
+    assert {g["lr"] for g in groups.values()} == {1e-3}
     assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_available() else "no")
+
+
+def test_module_learning_rates_pick_submodules_by_name():
+    model = nn.ModuleDict(
+        {"llm": nn.Linear(4, 4), "seg_module": nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))}
+    )
+    groups = parameter_groups(model, 0.1, 1e-4, {"seg_module": 1e-3})
+    by_rate = {(g["lr"], g["weight_decay"]): g["params"] for g in groups}
+    seg = model["seg_module"]
+    assert by_rate == {
+        (1e-4, 0.1): [model["llm"].weight],
+        (1e-4, 0.0): [model["llm"].bias],
+        (1e-3, 0.1): [seg[0].weight],
+        (1e-3, 0.0): [seg[0].bias, seg[1].weight, seg[1].bias],
+    }
+    seg.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"\['seg_module'\].*trainable top-level parts are \['llm'\]"):
+        parameter_groups(model, 0.1, 1e-4, {"seg_module": 1e-3})
+
+
+def test_a_module_learning_rate_trains_only_that_module_when_the_rest_has_none(tmp_path):
+    start = ToyRegressor().net
+    trained = run(tmp_path, learning_rate=0.0, module_learning_rates={"3": 1e-2}).model.net
+    assert torch.equal(trained[0].weight, start[0].weight) and torch.equal(trained[0].bias, start[0].bias)
+    assert not torch.equal(trained[3].weight, start[3].weight)
 
 
 def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):

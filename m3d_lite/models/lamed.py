@@ -166,14 +166,17 @@ class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
         self.seg_projector = seg_projector(self.config.text_config.hidden_size, seg_config.embed_dim)
         self.seg_module = SegModule(seg_config)
 
-    def add_seg_module(self, seg_config: SegConfig) -> None:
+    def add_seg_module(self, seg_config: SegConfig, encoder_from_vision: bool = False) -> None:
         """Give a model built without segmentation (stage 1) a fresh mask decoder and ``[SEG]`` projector,
         on its device and in its dtype, and record ``seg_config`` so that it saves and reloads with them.
-        M3D too adds its seg module at stage 2."""
+        M3D too adds its seg module at stage 2. ``encoder_from_vision=True`` starts the seg image encoder
+        from the vision tower's weights (``SegModule.init_encoder_from``)."""
         if self.seg_module is not None:
             raise ValueError("this model already has a seg module")
         self.config.seg_config = seg_config
         self.build_seg_parts(seg_config)
+        if encoder_from_vision:
+            self.seg_module.init_encoder_from(self.vision_tower.vision_tower)
         self.seg_projector.to(self.device, self.dtype)
         self.seg_module.to(self.device, self.dtype)
 

@@ -235,6 +235,21 @@ class SegModule(nn.Module):
         self.prompt_encoder = PromptEncoder(config.embed_dim, config.grid)
         self.mask_decoder = MaskDecoder(config)
 
+    def init_encoder_from(self, vit: ViT3D) -> None:
+        """Copy a trained ViT (the LaMed vision tower, i.e. the stage-0 CLIP encoder) into the image
+        encoder, all but its CLS token. M3D starts from SegVol's pretrained encoder instead; without those
+        weights a CLIP-trained ViT of the same geometry is a far better start than a random one."""
+        ours = {k: v for k, v in self.config.vision_fields().items() if k != "use_sdpa"}  # no weights
+        theirs = {name: getattr(vit.config, name) for name in ours}
+        if ours != theirs:
+            differ = {name: (theirs[name], ours[name]) for name in sorted(ours) if ours[name] != theirs[name]}
+            raise ValueError(
+                f"cannot initialise the seg image encoder from a ViT of another geometry or width: "
+                f"(ViT, seg encoder) differ in {differ}"
+            )
+        weights = {k: v for k, v in vit.state_dict().items() if k != "cls_token"}
+        self.image_encoder.load_state_dict(weights, strict=True)
+
     def forward(self, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         expected = (1, *self.config.image_size)
         if images.ndim != 5 or tuple(images.shape[1:]) != expected:

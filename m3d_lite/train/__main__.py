@@ -108,6 +108,7 @@ def cmd_instruct(args: argparse.Namespace) -> int:
         args.model,
         args.out,
         segmentation=not args.no_segmentation,
+        seg_encoder_from_vision=not args.random_seg_encoder,
         max_steps=args.max_steps,
         resume=args.resume,
         **overrides,
@@ -184,6 +185,11 @@ def build_parser(prog: str = "python -m m3d_lite.train") -> argparse.ArgumentPar
     )
     p.add_argument(
         "--no-segmentation", action="store_true", help="no seg module and no seg tasks (M3D's HEAD default)"
+    )
+    p.add_argument(
+        "--random-seg-encoder",
+        action="store_true",
+        help="start the seg image encoder from random weights, not from the vision tower",
     )
     p.set_defaults(func=cmd_instruct)
     return parser

@@ -136,6 +136,7 @@ def train_instruct(
     task_weights: Sequence[float] | None = None,
     augment: bool = True,
     segmentation: bool = True,
+    seg_encoder_from_vision: bool = True,
     max_steps: int | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -151,7 +152,10 @@ def train_instruct(
     (None: by size, as M3D); ``augment=False`` turns off M3D's training augmentation of the volumes.
     ``segmentation=True`` gives a stage-1 model without one a fresh seg module (the preset's
     ``segmentation`` section; M3D adds its SegVol module at this stage too) and adds the seg tasks to the
-    mix; ``False`` is M3D's HEAD, whose seg data is commented out. ``resume=True`` continues the run in
+    mix; ``False`` is M3D's HEAD, whose seg data is commented out. The fresh seg module's image encoder
+    starts from the vision tower (the stage-0 CLIP encoder; M3D starts from SegVol's weights) unless
+    ``seg_encoder_from_vision=False``. The preset's ``module_learning_rates`` give the seg parts, trained
+    from scratch, a higher learning rate than the LLM's adapters. ``resume=True`` continues the run in
     ``out_dir``.
     """
     lora_keys = {f.name for f in dataclasses.fields(LoraSettings)}
@@ -162,7 +166,7 @@ def train_instruct(
     stage1 = str(Path(model.name_or_path).resolve())
     set_seed(cfg.seed)  # the seg module's initialisation and LoRA's A matrices
     if segmentation and model.seg_module is None:
-        model.add_seg_module(SegConfig.from_scale(scale))
+        model.add_seg_module(SegConfig.from_scale(scale), encoder_from_vision=seg_encoder_from_vision)
     model = apply_lora(model, lora)
     unfreeze_for_instruction(model)
     config = model.config
@@ -187,6 +191,7 @@ def train_instruct(
         "task_weights": task_weights,
         "augment": augment,
         "segmentation": segmentation,
+        "seg_encoder_from_vision": seg_encoder_from_vision,
     }
     result = train(
         model,

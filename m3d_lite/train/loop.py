@@ -104,23 +104,45 @@ def resolve_mixed_precision(value: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups over the trainable parameters: decay on Linear/Conv weights, none on the rest.
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    learning_rate: float,
+    module_learning_rates: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters: decay on Linear/Conv weights, none on the rest; the
+    learning rate of ``module_learning_rates`` for the parameters of a submodule it names, else
+    ``learning_rate``.
 
     Biases, norm scales, embedding tables, position embeddings, CLS tokens and scalars such as CLIP's
     ``logit_scale`` are not shrunk towards zero (the practice of minGPT and HF's Trainer): decaying them
-    only hurts. A weight tied to an embedding (e.g. an LM head) counts as an embedding.
+    only hurts. A weight tied to an embedding (e.g. an LM head) counts as an embedding. A submodule is
+    named by one component of the parameter names (``seg_module`` matches
+    ``base_model.model.seg_module.mask_decoder.*``); a name that matches no trainable parameter is an
+    error, as a misspelt one would otherwise train at the wrong rate unnoticed.
     """
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)}
     decayed -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True: nothing to train")
-    groups = [
-        {"params": [p for p in trainable if id(p) in decayed], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if id(p) not in decayed], "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+    rates = module_learning_rates or {}
+
+    def rate(name: str) -> float:
+        return next((lr for module, lr in rates.items() if module in name.split(".")), learning_rate)
+
+    unmatched = sorted(m for m in rates if not any(m in name.split(".") for name, _ in trainable))
+    if unmatched:
+        raise ValueError(
+            f"module_learning_rates names {unmatched}, which hold no trainable parameter of "
+            f"{type(model).__name__}; its trainable top-level parts are "
+            f"{sorted({name.split('.')[0] for name, _ in trainable})}"
+        )
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in trainable:
+        decay = weight_decay if id(p) in decayed else 0.0
+        groups.setdefault((rate(name), decay), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": decay} for (lr, decay), ps in groups.items()]
 
 
 def count_steps(cfg: TrainConfig, batches_per_epoch: int, max_steps: int | None = None) -> int:
@@ -298,7 +320,8 @@ def train(
             f"x {accelerator.num_processes} process(es): lower batch_size or add data"
         )
     total_steps = count_steps(cfg, batches_per_epoch, max_steps)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+    groups = parameter_groups(model, cfg.weight_decay, cfg.learning_rate, cfg.module_learning_rates)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
