@@ -80,6 +80,12 @@ class TrainConfig:
     """One training stage's loop settings (section ``train_<stage>`` of a preset).
 
     ``batch_size`` is per process; the global batch is ``batch_size * processes * grad_accum_steps``.
+    ``global_batch_size`` fixes the global batch instead, whatever the number of processes: the loop then
+    derives ``grad_accum_steps = global_batch_size / (batch_size * processes)`` (M3D's 8 GPUs x 32 = 256
+    on one GPU: 8 micro-batches of 32 per step). ``gradient_checkpointing`` recomputes activations in the
+    backward pass instead of storing them (less memory, ~30 % more compute). ``ddp_find_unused_parameters``
+    lets DDP (several processes) train a model whose batches may leave a part without gradient: stage 2's
+    seg module gets none from a micro-batch without a mask.
     ``max_steps`` counts optimizer steps and wins over ``epochs`` when set. ``module_learning_rates``
     gives named submodules their own learning rate (``{"seg_module": 1e-3}``: every parameter with a
     ``seg_module`` in its dotted name); the rest train at ``learning_rate``.
@@ -92,7 +98,11 @@ class TrainConfig:
     max_steps: int | None = None
     warmup_ratio: float = 0.03
     grad_accum_steps: int = 1
-    mixed_precision: str = "auto"  # "auto" (bf16 where the device has it), "no", "fp16", "bf16"
+    global_batch_size: int | None = None  # None: batch_size x processes x grad_accum_steps
+    gradient_checkpointing: bool = False
+    ddp_find_unused_parameters: bool = False
+    # "auto": the launch config's, else bf16 where the GPU has it; "no", "fp16", "bf16" win over it
+    mixed_precision: str = "auto"
     max_grad_norm: float | None = 1.0
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     log_every: int = 10
@@ -101,6 +111,12 @@ class TrainConfig:
     module_learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.global_batch_size is not None and (
+            not isinstance(self.global_batch_size, int) or self.global_batch_size < 1
+        ):
+            raise ValueError(
+                f"global_batch_size must be a positive integer or None, got {self.global_batch_size!r}"
+            )
         rates = dict(self.module_learning_rates or {})
         for module, rate in rates.items():
             try:

@@ -176,6 +176,7 @@ class M3DClipModel(PreTrainedModel):
     config_class = M3DClipConfig
     main_input_name = "images"
     input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True  # the ViT's blocks and the text encoder's layers
 
     def __init__(self, config: M3DClipConfig) -> None:
         super().__init__(config)

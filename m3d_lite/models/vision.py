@@ -110,7 +110,14 @@ class ViT3D(ViT):
     deleted (M3D never uses it), and so are the cross-attention parts that recent MONAI builds in every
     block even without cross-attention (a ``norm_cross_attn`` LayerNorm in 1.6): unused parameters would
     break DDP and would not match M3D's checkpoint.
+
+    ``forward`` is MONAI's, less the list of per-block outputs that nothing reads, plus activation
+    checkpointing: with ``gradient_checkpointing`` set (transformers' ``activation_checkpointing_enable`` on
+    the model holding this ViT sets it, with ``_gradient_checkpointing_func``) each block's activations are
+    recomputed in the backward pass instead of stored: 2049 tokens x 12 blocks at paper scale.
     """
+
+    gradient_checkpointing = False
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__(
@@ -140,8 +147,15 @@ class ViT3D(ViT):
         if images.ndim != 5 or tuple(images.shape[1:]) != expected:
             shape = " x ".join(map(str, expected))
             raise ValueError(f"ViT3D expects images B x {shape}, got {tuple(images.shape)}")
-        tokens, _ = super().forward(images)
-        return tokens
+        tokens = self.patch_embedding(images)
+        if hasattr(self, "cls_token"):  # the seg module's encoder has none (SegVol's classification=False)
+            tokens = torch.cat((self.cls_token.expand(len(tokens), -1, -1), tokens), dim=1)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                tokens = self._gradient_checkpointing_func(block, tokens)
+            else:
+                tokens = block(tokens)
+        return self.norm(tokens)
 
 
 class VisionTower(nn.Module):

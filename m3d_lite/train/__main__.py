@@ -11,13 +11,17 @@ On a laptop (one CPU process; ``--set`` overrides any preset value of the stage 
 
 On 8 GPUs (DeepSpeed ZeRO-2, bf16; ``batch_size`` of the preset is per GPU):
 
-    accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_deepspeed.yaml \\
+    accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_zero2.yaml \\
         -m m3d_lite.train clip --scale paper --data /data/M3D --out runs/clip_paper
-    accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_deepspeed.yaml \\
+    accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_zero2.yaml \\
         -m m3d_lite.train align --scale paper --data /data/M3D --vision runs/clip_paper --out runs/align_paper
-    accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_deepspeed.yaml \\
+    accelerate launch --config_file m3d_lite/configs/accelerate/8gpu_zero2.yaml \\
         -m m3d_lite.train instruct --scale paper --data /data/M3D --model runs/align_paper \\
         --out runs/instruct_paper
+
+The paper presets keep M3D's global batch on any number of GPUs (one GPU accumulates 8 micro-batches);
+``1gpu.yaml``, ``8gpu_ddp.yaml``, ``8gpu_zero3.yaml`` and ``8gpu_fsdp.yaml`` are the other launch configs,
+and ``--set gradient_checkpointing=true`` trades compute for memory (README: "Training at the paper scale").
 
 A stage-2 run saves its model as LaMed weights + LoRA adapter; `m3d-lite export --model runs/instruct_ci
 --out DIR` merges them into one plain checkpoint.

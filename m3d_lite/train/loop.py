@@ -2,24 +2,29 @@
 
 A stage hands over a model whose ``forward(**batch)`` returns an object with ``.loss``, a dataset, a
 collate function and a :class:`~m3d_lite.config.TrainConfig`; the loop does the rest on ``accelerate``, so
-the same call runs in a notebook (one process) and under ``accelerate launch`` (DDP or DeepSpeed):
+the same call runs in a notebook (one process) and under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3
+or FSDP; the launch configs are in ``m3d_lite/configs/accelerate/``):
 
 - AdamW on the parameters with ``requires_grad`` (freezing is the stage's job), weight decay on the
   weights of Linear and Conv layers only, cosine schedule with linear warm-up, gradient clipping;
-- mixed precision and gradient accumulation from the config; every batch is full (``drop_last``), as a
-  contrastive loss needs;
+- mixed precision and gradient accumulation from the config (:func:`resolve_mixed_precision`,
+  :func:`accumulation_steps`: a ``global_batch_size`` stays the same on 1 or 8 processes); every batch is
+  full (``drop_last``), as a contrastive loss needs; gradient checkpointing when the config asks for it;
 - a seeded shuffle whose order in epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees exactly
   the batches the uninterrupted run would have seen: train N steps == train N/2, stop, resume, train to N;
 - checkpoints ``out_dir/checkpoints/step_<N>/`` (``accelerator.save_state`` + ``trainer_state.json``)
   that appear whole or not at all; the last :data:`KEEP_CHECKPOINTS` are kept;
 - metrics as JSON lines in ``out_dir/metrics.jsonl``, a progress bar and log lines on rank 0 only.
 
-The caller saves the final model: :class:`TrainResult` hands it back unwrapped, and :func:`save_artifact`
-writes it on the main process into a folder that appears whole or not at all.
+The caller saves the final model: :class:`TrainResult` hands it back unwrapped and whole (ZeRO-3 and FSDP
+shard the weights over the processes; :func:`consolidate` gathers them into a plain copy of the model, so
+saving and LoRA merging never see a partitioned tensor, M3D issue #59), and :func:`save_artifact` writes it
+on the main process into a folder that appears whole or not at all.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -35,7 +40,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -54,7 +59,8 @@ RUN_FILE = "run.json"
 
 @dataclass
 class TrainResult:
-    """What a run produced: where, how far, the last logged loss, and the trained (unwrapped) model."""
+    """What a run produced: where, how far, the last logged loss, and the trained model, unwrapped and with
+    all its weights (on every process; on the main process only when ZeRO-3 or FSDP sharded them)."""
 
     out_dir: Path
     steps: int
@@ -98,10 +104,86 @@ class LossWindow:
 
 
 def resolve_mixed_precision(value: str) -> str:
-    """``"auto"`` -> ``"bf16"`` on a CUDA device that supports it, else ``"no"``; other values as given."""
+    """The precision of a run whose config says ``value``: ``"no"``, ``"fp16"`` and ``"bf16"`` as given (the
+    preset wins over a launch config); ``"auto"`` takes the launch config's (``accelerate launch`` passes it
+    on as ``ACCELERATE_MIXED_PRECISION``), and without a launcher ``"bf16"`` on a CUDA device that
+    supports it, else ``"no"``."""
     if value != "auto":
         return value
+    if launched := os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return launched
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def accumulation_steps(cfg: TrainConfig, processes: int) -> int:
+    """Micro-batches per optimizer step: ``cfg.grad_accum_steps``, or, when ``cfg.global_batch_size`` is set,
+    the number that keeps that global batch on ``processes`` processes (M3D's 256 = 32 x 8 GPUs is 32 x 1 x 8
+    on one GPU). A global batch that ``batch_size x processes`` does not divide is an error saying which
+    sizes would."""
+    if cfg.global_batch_size is None:
+        return cfg.grad_accum_steps
+    per_micro_step = cfg.batch_size * processes
+    steps, rest = divmod(cfg.global_batch_size, per_micro_step)
+    if rest or not steps:
+        raise ValueError(
+            f"global_batch_size {cfg.global_batch_size} is not a multiple of batch_size {cfg.batch_size} x "
+            f"{processes} process(es) = {per_micro_step}: choose a batch_size that divides "
+            f"{cfg.global_batch_size} / {processes}, or a global_batch_size that is a multiple of "
+            f"{per_micro_step}"
+        )
+    if cfg.grad_accum_steps not in (1, steps):
+        raise ValueError(
+            f"grad_accum_steps {cfg.grad_accum_steps} contradicts global_batch_size {cfg.global_batch_size} "
+            f"(= batch_size {cfg.batch_size} x {processes} process(es) x {steps}): leave "
+            "grad_accum_steps at 1, it is derived from the global batch"
+        )
+    return steps
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation (gradient) checkpointing in every part of ``model`` that has it: transformers'
+    ``activation_checkpointing_enable`` flags the LLM's (or BERT's) layers and every module with a
+    ``gradient_checkpointing`` attribute, such as the 3D ViTs of the vision tower and the seg module
+    (``ViT3D``). Non-reentrant checkpointing: frozen inputs (LoRA on a frozen LLM) still pass gradients."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"gradient_checkpointing=True, but {type(model).__name__} cannot checkpoint its activations "
+            "(it is not a transformers model with supports_gradient_checkpointing); set it to false"
+        )
+    enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def weightless_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters live on the meta device (no memory), tied ones still tied:
+    the frame :func:`consolidate` loads the trained weights into. Buffers are copied as they are (small)."""
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    return copy.deepcopy(model, memo)
+
+
+def consolidate(accelerator: Accelerator, prepared: nn.Module, frame: nn.Module) -> nn.Module:
+    """The trained ``prepared`` model as a plain module: ``frame`` (:func:`weightless_copy` of it before
+    ``prepare``) holding its full weights, from ``accelerator.get_state_dict``, which gathers what ZeRO-3 and
+    FSDP partitioned. Every process must call it. The gathered weights (bf16 under ZeRO-3) are cast back to
+    the frame's dtypes, and the frame's own buffers follow them to their device. Where the gathered dict is
+    empty (the other processes of a ZeRO-3 / FSDP run, which never save) the unwrapped, still sharded model
+    comes back instead."""
+    state = accelerator.get_state_dict(prepared)
+    if not state:
+        return accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in frame.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    dtypes = {name: tensor.dtype for name, tensor in frame.state_dict().items()}
+    frame.load_state_dict({name: t.to(dtypes.get(name, t.dtype)) for name, t in state.items()}, assign=True)
+    for first, *tied in names_of.values():  # assign=True gave each name its own Parameter: tie them again
+        for name in tied:
+            module, _, attribute = name.rpartition(".")
+            setattr(frame.get_submodule(module), attribute, frame.get_parameter(first))
+    return frame.to(next(iter(state.values())).device)
 
 
 def parameter_groups(
@@ -258,13 +340,14 @@ def reset_accelerate_state() -> None:
 
 
 def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
-    """An ``Accelerator`` for ``cfg``; the preset's mixed precision wins over a launch config's.
+    """An ``Accelerator`` for ``cfg``: precision by :func:`resolve_mixed_precision`, micro-batches per step
+    by :func:`accumulation_steps` for the processes it finds.
 
     The shared accelerate state is reset first so that one notebook can run stages with different
     precisions (accelerate otherwise refuses a second, different ``Accelerator`` in one process).
     """
     reset_accelerate_state()
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_steps=cfg.grad_accum_steps,
         project_dir=str(out_dir),
@@ -272,7 +355,12 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         # the scheduler counts optimizer steps; we step it ourselves
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)
+        ],
     )
+    accelerator.gradient_accumulation_steps = accumulation_steps(cfg, accelerator.num_processes)
+    return accelerator
 
 
 def train(
@@ -290,7 +378,9 @@ def train(
 ) -> TrainResult:
     """Train ``model`` on ``train_dataset`` for :func:`count_steps` optimizer steps; see the module docstring.
 
-    ``batch_size`` in ``cfg`` is per process. ``resume=True`` continues from the latest checkpoint in
+    ``batch_size`` in ``cfg`` is per process. The values derived from ``cfg`` and the launch (processes,
+    accumulation steps, global batch, precision) are recorded under ``"derived"`` in ``out_dir/run.json``.
+    ``resume=True`` continues from the latest checkpoint in
     ``out_dir`` at the exact data position (and returns at once when that run had finished).
     ``log_fn(record)`` is called on the main process with every metrics record, e.g. to draw a live curve.
     ``settings`` (JSON values) are what else defines the run, e.g. stage, scale and model overrides: they
@@ -299,8 +389,22 @@ def train(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     accelerator = make_accelerator(cfg, out_dir)
+    run_cfg = dataclasses.replace(
+        cfg,
+        grad_accum_steps=accelerator.gradient_accumulation_steps,
+        mixed_precision=accelerator.mixed_precision,
+    )
+    derived = {
+        "processes": accelerator.num_processes,
+        "grad_accum_steps": run_cfg.grad_accum_steps,
+        "global_batch_size": cfg.batch_size * accelerator.num_processes * run_cfg.grad_accum_steps,
+        "mixed_precision": run_cfg.mixed_precision,
+    }
     checkpoint = prepare_out_dir(accelerator, out_dir, resume)
-    check_settings(accelerator, out_dir, {**dataclasses.asdict(cfg), **(settings or {})}, resume)
+    recorded = {**dataclasses.asdict(cfg), **(settings or {}), "derived": derived}
+    check_settings(accelerator, out_dir, recorded, resume)
+    logger.info(f"run settings derived from the config and the launch: {derived}")
+    cfg = run_cfg
     set_seed(cfg.seed)
 
     loader = DataLoader(
@@ -320,6 +424,10 @@ def train(
             f"x {accelerator.num_processes} process(es): lower batch_size or add data"
         )
     total_steps = count_steps(cfg, batches_per_epoch, max_steps)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    frame = weightless_copy(model)
     groups = parameter_groups(model, cfg.weight_decay, cfg.learning_rate, cfg.module_learning_rates)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
@@ -343,7 +451,6 @@ def train(
         disable=not (progress and accelerator.is_main_process),
     )
     window = LossWindow(accelerator.device, samples_per_batch=cfg.batch_size * accelerator.num_processes)
-    model.train()
     while position.step < total_steps:
         loader.set_epoch(position.epoch)
         skip = position.batch_in_epoch
@@ -390,7 +497,7 @@ def train(
                 break
     bar.close()
     accelerator.wait_for_everyone()
-    trained = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    trained = consolidate(accelerator, model, frame)
     reset_accelerate_state()
     return TrainResult(
         out_dir=out_dir,
