@@ -1,4 +1,4 @@
-"""The ``m3d-lite`` command: data, train, export, infer, bench, course.
+"""The ``m3d-lite`` command: data, train, export, convert, infer, bench, plan, demo, course.
 
 Every subcommand is a thin shell over a function of the package, so a notebook and the
 command line run the same code. Imports are done inside the handlers to keep ``--help`` fast.
@@ -134,6 +134,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_clip(args: argparse.Namespace) -> int:
+    from m3d_lite.models.official import convert_m3d_clip
+
+    print(
+        convert_m3d_clip(
+            args.src,
+            args.out,
+            image_size=args.image_size,
+            patch_size=args.patch_size,
+            num_heads=args.num_heads,
+            dtype=_dtype(args.dtype),
+        )
+    )
+    return 0
+
+
+def cmd_convert_lamed(args: argparse.Namespace) -> int:
+    from m3d_lite.models.official import convert_m3d_lamed
+
+    print(
+        convert_m3d_lamed(
+            args.src,
+            args.out,
+            vit_heads=args.vit_heads,
+            decoder_heads=args.decoder_heads,
+            dtype=_dtype(args.dtype),
+        )
+    )
+    return 0
+
+
+def _dtype(name: str | None) -> Any:
+    """``torch.<name>`` for ``--dtype`` (None: keep the checkpoint's)."""
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     from m3d_lite.data.preprocess import window_from_args
     from m3d_lite.infer import ask, load_model, load_scan, save_answer_mask
@@ -162,6 +200,18 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from m3d_lite.demo.app import run_demo
+    except ModuleNotFoundError as error:
+        print(
+            f'm3d-lite: error: {error}: install the demo extra, pip install "m3d-lite[demo]"', file=sys.stderr
+        )
+        return 2
+    run_demo(args.model, args.data, args.host, args.port)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from m3d_lite.eval.bench import run_bench
     from m3d_lite.eval.report import headline_table
@@ -182,6 +232,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(headline_table(bench))
     print(f"results: {Path(args.out) / 'bench.json'}; report: {Path(args.out) / 'report.html'} (and .md)")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from m3d_lite.plan import Setup, describe, format_plans, plan
+
+    gpus = args.gpus if args.gpus is not None else 8 if args.scale == "paper" else 0
+    zero = args.zero if args.zero is not None else 2 if gpus > 1 else 0
+    setup = Setup(
+        gpus=gpus,
+        gpu_mem_gib=args.gpu_mem,
+        zero=zero,
+        gradient_checkpointing=args.gradient_checkpointing,
+        sdpa=not args.no_sdpa,
+        batch_size=args.batch,
+        tflops=args.tflops,
+    )
+    plans = plan(args.scale, setup, llm=args.llm, stages=args.stages)
+    print(format_plans(plans, describe(args.scale, setup, args.llm)))
+    return 0 if all(p.fits for p in plans) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder of the merged model and its tokenizer")
     p.set_defaults(func=cmd_export)
 
+    convert = groups.add_parser(
+        "convert", help="official M3D weights (Hub id or local) -> m3d-lite folders"
+    ).add_subparsers(dest="command", required=True)
+    dtypes = ("float32", "bfloat16", "float16")
+    p = convert.add_parser(
+        "clip", help="M3D-CLIP or its pretrained_ViT.bin -> OUT/model/, OUT/vision_encoder/"
+    )
+    p.add_argument("src", help="e.g. GoodBaiBai88/M3D-CLIP, a folder, or a .safetensors/.bin file")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--image-size", type=int, nargs=3, metavar=("D", "H", "W"), help="default: config.json's")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("D", "H", "W"), help="default: config.json's")
+    p.add_argument("--num-heads", type=int, default=None, help="ViT heads (default: config.json's, else 12)")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="default: as stored")
+    p.set_defaults(func=cmd_convert_clip)
+    p = convert.add_parser("lamed", help="M3D-LaMed (Phi-3-4B, Llama-2-7B) -> a LaMed folder for infer/bench")
+    p.add_argument("src", help="e.g. GoodBaiBai88/M3D-LaMed-Phi-3-4B, or its downloaded folder")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--vit-heads", type=int, default=12, help="heads of both ViTs (M3D: 12)")
+    p.add_argument("--decoder-heads", type=int, default=8, help="heads of the mask decoder (M3D: 8)")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="default: as stored (float32, ~16 GB)")
+    p.set_defaults(func=cmd_convert_lamed)
+
     p = groups.add_parser("infer", help="ask a trained model a question about a scan (NIfTI, DICOM, npy)")
     p.add_argument("--model", required=True, type=Path, help="stage-1/2 run or model folder, or an export")
     p.add_argument("--image", required=True, type=Path, help="NIfTI, DICOM file or series folder, nrrd, npy")
@@ -261,6 +352,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", type=int, default=100, help="retrieval pool (and the full split)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
+
+    p = groups.add_parser(
+        "plan", help="parameters, memory per GPU and hours of each stage; exit 1 when one does not fit"
+    )
+    p.add_argument("--scale", choices=SCALES, default="paper")
+    p.add_argument("--gpus", type=int, default=None, help="0: one CPU process (default: 8 at paper, else 0)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (RAM with --gpus 0)")
+    p.add_argument(
+        "--zero",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=None,
+        help="DeepSpeed ZeRO stage, 0 = DDP (default: 2 on several GPUs, as 8gpu_zero2.yaml, else 0)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep only each block's input (default: each stage's preset)",
+    )
+    p.add_argument("--no-sdpa", action="store_true", help="explicit attention, which stores its matrix")
+    p.add_argument("--batch", type=int, default=None, help="samples per GPU (default: each stage's preset)")
+    p.add_argument("--llm", default=None, help="phi3, llama2 or an LLM name (default: the preset's)")
+    p.add_argument(
+        "--tflops", type=float, default=None, help="achieved TFLOP/s per GPU (default 125: 40%% of an A100)"
+    )
+    p.add_argument(
+        "--stages", nargs="+", choices=("clip", "align", "instruct"), default=["clip", "align", "instruct"]
+    )
+    p.set_defaults(func=cmd_plan)
+
+    p = groups.add_parser(
+        "demo", help='a web page to ask a trained model about scans (pip install "m3d-lite[demo]")'
+    )
+    p.add_argument("--model", required=True, type=Path, help="stage-1/2 run or model folder, or an export")
+    p.add_argument("--port", type=int, default=None, help="default: 7860, or the next free port")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every network interface")
+    p.add_argument(
+        "--data", type=Path, default=None, help="phantom dataset whose test volumes the page offers"
+    )
+    p.set_defaults(func=cmd_demo)
 
     course = groups.add_parser("course", help="run, generate and grade the course notebooks").add_subparsers(
         dest="command", required=True

@@ -18,7 +18,8 @@ def _normalise(requirement: str) -> str:
 
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_normalise(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    extras = [r for group in project["optional-dependencies"].values() for r in group]
+    wanted = {_normalise(r) for r in project["dependencies"] + extras}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     listed = {_normalise(r) for r in pip_section if not r.startswith("-e")}
@@ -34,5 +35,5 @@ def test_ci_runs_the_test_command_of_the_readme():
 
 def test_makefile_installs_pinned_torch_before_the_project():
     makefile = (ROOT / "Makefile").read_text()
-    assert makefile.index('"$(TORCH)"') < makefile.index('-e ".[dev]"')
+    assert makefile.index('"$(TORCH)"') < makefile.index('-e ".[dev,demo]"')
     assert "TORCH ?= torch==" in makefile
