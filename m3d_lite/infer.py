@@ -21,7 +21,7 @@ from m3d_lite.data.preprocess import PreparedVolume, Volume, Window, prepare_fil
 from m3d_lite.io import save_npy
 from m3d_lite.models.lamed import LaMedForCausalLM, load_lamed
 from m3d_lite.models.lora import ADAPTER_DIR, find_model_dir, load_lamed_lora, merge_lora
-from m3d_lite.models.tokenizer import encode_prompts
+from m3d_lite.models.tokenizer import encode_prompt, encode_prompts
 
 
 def load_model(path: str | os.PathLike, **kwargs: Any) -> tuple[LaMedForCausalLM, PreTrainedTokenizerBase]:
@@ -166,6 +166,26 @@ class Answer:
     mask: torch.Tensor | None = None
 
 
+def check_question(
+    tokenizer: PreTrainedTokenizerBase, config: Any, question: str, max_new_tokens: int
+) -> int:
+    """The prompt's length in tokens; a ``ValueError`` when it and ``max_new_tokens`` exceed the longest
+    sample the model was trained on (``config.model_max_length`` of a ``LaMedConfig``, the preset's
+    ``llm.max_length``): past it the answers are untrained territory, and the demo must say so."""
+    prompt = encode_prompt(tokenizer, question, config.proj_out_num, config.chat_template)
+    budget = config.model_max_length
+    if len(prompt) + max_new_tokens > budget:
+        overhead = len(prompt) - len(tokenizer(question, add_special_tokens=False).input_ids)
+        room = budget - overhead - max_new_tokens
+        fix = f"shorten the question to {room} tokens or lower" if room > 0 else "lower"
+        raise ValueError(
+            f"question and answer do not fit: the prompt is {len(prompt)} tokens ({config.proj_out_num} "
+            f"image tokens, the template and the question) and the answer may take {max_new_tokens} more, "
+            f"over the model's budget of {budget} tokens; {fix} the answer length"
+        )
+    return len(prompt)
+
+
 def ask(
     model: LaMedForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -180,6 +200,7 @@ def ask(
     expected = tuple(model.config.vision_config.image_size)
     if tuple(scan.image.shape[1:]) != expected or scan.image.shape[0] != 1:
         raise ValueError(f"{scan.source}: image {tuple(scan.image.shape)}, the model expects 1 x {expected}")
+    check_question(tokenizer, model.config, question, max_new_tokens)
     images, questions = scan.image[None], [question]
     if segment:
         [text], [mask] = generate_with_masks(

@@ -16,8 +16,8 @@ from test_preprocess import write_ct_series
 
 from m3d_lite.cli import main
 from m3d_lite.data import text
-from m3d_lite.demo.inputs import check_question, phantom_examples, read_upload, task_question
-from m3d_lite.infer import Answer, load_scan
+from m3d_lite.demo.inputs import phantom_examples, read_upload, task_question
+from m3d_lite.infer import Answer, check_question, load_scan
 from m3d_lite.models import build_lamed
 
 SIZE = (32, 64, 64)

@@ -80,6 +80,10 @@ def test_load_scan_and_ask_name_bad_input(tmp_path, model_and_tokenizer):
         ValueError, match=r"small.npy: image \(1, 16, 64, 64\), the model expects 1 x \(32, 64, 64\)"
     ):
         ask(model, tokenizer, wrong, "Describe the scan.")
+    scan = ScanInput(torch.rand(1, 32, 64, 64), "ct.npy")
+    budget = model.config.model_max_length
+    with pytest.raises(ValueError, match=f"over the model's budget of {budget} tokens; shorten the question"):
+        ask(model, tokenizer, scan, "Where is the liver? " * 40, max_new_tokens=16)
 
 
 def test_an_answer_box_is_parsed():

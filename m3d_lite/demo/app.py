@@ -30,12 +30,11 @@ from m3d_lite.demo.inputs import (
     MAX_UPLOAD,
     MAX_VOXELS,
     TASKS,
-    check_question,
     phantom_examples,
     read_upload,
     task_question,
 )
-from m3d_lite.infer import Answer, ScanInput, ask, load_model, save_answer_mask
+from m3d_lite.infer import Answer, ScanInput, ask, check_question, load_model, save_answer_mask
 from m3d_lite.models.lamed import LaMedForCausalLM
 from m3d_lite.viz import PLANES, draw_box, orthogonal_views
 

@@ -18,15 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from transformers import PreTrainedTokenizerBase
 
 from m3d_lite.config import SCALES, DataConfig, default_data_dir
 from m3d_lite.data import text
 from m3d_lite.data.phantom_dataset import SEG_CODE, case_id, split_of
 from m3d_lite.data.preprocess import Window, dicom_series
 from m3d_lite.infer import ScanInput, load_scan
-from m3d_lite.models.lamed import LaMedConfig
-from m3d_lite.models.tokenizer import encode_prompt
 
 MAX_VOXELS = 512 * 512 * 1024  # 268 million voxels, 1 GiB as float32: a long thin-slice CT still fits
 MAX_UPLOAD = "1gb"  # Gradio refuses bigger uploads before they reach the app
@@ -58,25 +55,6 @@ def task_question(task: str, question: str = "", target: str = "", choices: Sequ
         # only the question and the choices are read: the type and the answer letter do not matter here
         return text.closed_vqa_question(text.VQAItem(0, question, choices, "A"))
     return question
-
-
-def check_question(
-    tokenizer: PreTrainedTokenizerBase, config: LaMedConfig, question: str, max_new_tokens: int
-) -> int:
-    """The prompt's length in tokens; a ``ValueError`` when it and ``max_new_tokens`` exceed the longest
-    sample the model was trained on (``config.model_max_length``, the preset's ``llm.max_length``)."""
-    prompt = encode_prompt(tokenizer, question, config.proj_out_num, config.chat_template)
-    budget = config.model_max_length
-    if len(prompt) + max_new_tokens > budget:
-        overhead = len(prompt) - len(tokenizer(question, add_special_tokens=False).input_ids)
-        room = budget - overhead - max_new_tokens
-        fix = f"shorten the question to {room} tokens or lower" if room > 0 else "lower"
-        raise ValueError(
-            f"question and answer do not fit: the prompt is {len(prompt)} tokens ({config.proj_out_num} "
-            f"image tokens, the template and the question) and the answer may take {max_new_tokens} more, "
-            f"over the model's budget of {budget} tokens; {fix} the answer length"
-        )
-    return len(prompt)
 
 
 def voxel_count(path: Path) -> int | None:
