@@ -207,6 +207,9 @@ def test_prepare_m3d_seg(tmp_path):
     (src / "dataset_info.json").write_text(json.dumps({"0000": ["liver", "spleen", "left kidney"]}))
     terms = {name: [f"The {name} is an organ."] for name in ("liver", "spleen", "left kidney")}
     (src / "term_dictionary.json").write_text(json.dumps(terms))
+    earlier = {"aorta": ["The aorta is an artery."]}  # another dataset's terms, already in the root
+    (root / "M3D_Seg").mkdir(parents=True)
+    (root / "M3D_Seg/term_dictionary.json").write_text(json.dumps(earlier))
 
     assert script("prepare_m3d_seg").main(["--src", str(src), "--out", str(root), *SHAPE]) == 0
     out = root / "M3D_Seg/0000"
@@ -229,7 +232,7 @@ def test_prepare_m3d_seg(tmp_path):
     assert json.loads((root / "M3D_Seg/dataset_info.json").read_text()) == {
         "0000": ["liver", "spleen", "left kidney"]
     }
-    assert (root / "M3D_Seg/term_dictionary.json").is_file()
+    assert json.loads((root / "M3D_Seg/term_dictionary.json").read_text()) == {**earlier, **terms}
     assert_valid(root)
 
 

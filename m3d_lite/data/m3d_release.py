@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -134,11 +135,13 @@ def split_ids(
 
 
 def _run(fn: Callable[[Any], Any], jobs: list[Any], workers: int, desc: str) -> Iterator[Any]:
-    """``fn`` over ``jobs`` in order with a progress bar, in ``workers`` processes when more than one."""
+    """``fn`` over ``jobs`` in order with a progress bar, in ``workers`` processes when more than one.
+    The workers are spawned, not forked: a fork of a process whose torch thread pool has run (a notebook
+    that prepared a scan first) can hang forever."""
     if workers <= 1:
         yield from (fn(job) for job in tqdm(jobs, desc=desc, unit="item"))
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         yield from tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, unit="item")
 
 
@@ -550,9 +553,10 @@ def prepare_m3d_seg(
         save_json(out / code / f"{code}.json", {**release, "labels": labels, **items})
         report.counts.update({f"{code} {split} items": len(v) for split, v in items.items()})
     save_json(info_path, dataset_info)
-    terms = src / "term_dictionary.json"
-    if terms.is_file():
-        shutil.copyfile(terms, out / "term_dictionary.json")
+    terms, terms_out = src / "term_dictionary.json", out / "term_dictionary.json"
+    if terms.is_file():  # merged like dataset_info.json: a root may already hold other datasets' terms
+        known = json.loads(terms_out.read_text()) if terms_out.is_file() else {}
+        save_json(terms_out, {**known, **json.loads(terms.read_text())})
     else:
         report.problems.append(f"{terms}: missing, so no class definitions for description prompts")
     return report
