@@ -31,7 +31,7 @@ $(LAB_SETTINGS): jupyter/overrides.json | $(STAMP)
 	mkdir -p $(@D)
 	cp $< $@
 
-# notebooks 01-06 in order into runs/course/ (finished ones are reused; FORCE=1 reruns them all), then
+# notebooks 01-07 in order into runs/course/ (finished ones are reused; FORCE=1 reruns them all), then
 # where the M3D-Bench report is and its headline table
 course: $(STAMP)
 	$(BIN)/m3d-lite course run-all --notebooks notebooks --out $(COURSE_OUT) -p SCALE $(SCALE) \

@@ -6,6 +6,7 @@ safetensors shards or as a ``.bin``. Checked: every official key is mapped or dr
 converted model gives the outputs of parts built directly from the same tensors; unknown, missing and
 misshapen tensors and unsafe pickles are refused with errors that name them. At paper scale, on the meta
 device, the same layout has M3D_STATE_DICT.md's tensor and parameter counts and fits our paper-scale models.
+The other way, our models written in that layout have its keys and shapes and convert back to themselves.
 """
 
 import dataclasses
@@ -18,14 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
+from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel, Qwen2Config
 
 from m3d_lite.cli import main
 from m3d_lite.models import encode_prompts, load_clip, load_lamed, load_vision_encoder
-from m3d_lite.models.clip import M3DClipModel
-from m3d_lite.models.lamed import LaMedForCausalLM
+from m3d_lite.models.clip import M3DClipModel, build_clip
+from m3d_lite.models.lamed import LaMedConfig, LaMedForCausalLM, build_lamed
 from m3d_lite.models.official import (
     CLIP_DROPS,
     CLIP_RULES,
@@ -34,7 +35,12 @@ from m3d_lite.models.official import (
     clip_config,
     convert_m3d_clip,
     convert_m3d_lamed,
+    invert_rule,
     lamed_config,
+    official_lamed_config,
+    official_lamed_state,
+    save_official_clip,
+    save_official_lamed,
 )
 from m3d_lite.models.official_checkpoint import Checkpoint, load_into, rename, vit_config
 from m3d_lite.models.pretrained import PretrainedNotFoundError, load_text_tokenizer
@@ -42,7 +48,8 @@ from m3d_lite.models.projector import SpatialPoolingProjector
 from m3d_lite.models.seg_pathway import seg_projector
 from m3d_lite.models.segmentation import SegConfig, SegModule
 from m3d_lite.models.tokenizer import BOX_END, BOX_START, IMAGE_TOKEN, SEG_TOKEN
-from m3d_lite.models.vision import VisionConfig, ViT3D
+from m3d_lite.models.vision import VisionConfig, ViT3D, own_fields
+from m3d_lite.plan import stage_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +108,16 @@ TINY = Sizes(
         num_key_value_heads=4,
     ),
     decoder_mlp=96,
+)
+CI = Sizes(  # our ci preset (m3d_lite/configs/ci.yaml) as M3D_STATE_DICT.md's symbols
+    image=(32, 64, 64),
+    patch=(4, 8, 8),
+    width=64,
+    mlp=256,
+    layers=2,
+    heads=4,
+    llm=dict(hidden_size=64),
+    decoder_mlp=128,
 )
 PAPER = Sizes(  # M3D-LaMed-Phi-3-4B
     image=(32, 256, 256),
@@ -583,3 +600,103 @@ def test_a_sentencepiece_tokenizer_without_sentencepiece_says_what_to_install(to
     (source / "tokenizer.model").write_bytes(b"a SentencePiece model, as M3D-LaMed's slow tokenizer saves it")
     with pytest.raises(ValueError, match="pip install sentencepiece"):
         convert_m3d_lamed(source, tmp_path / "converted", vit_heads=TINY.heads)
+
+
+def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("llm", ["tiny-llama", "tiny-phi3"])  # tied and untied embeddings
+def test_our_lamed_in_m3d_layout_converts_back_to_the_same_model(tmp_path, llm):
+    torch.manual_seed(0)
+    model, tokenizer = build_lamed("ci", llm=llm, segmentation=True)
+    model.eval()
+    save_official_lamed(model, tokenizer, tmp_path / "official")
+
+    saved = load_file(tmp_path / "official" / "model.safetensors")
+    assert shapes_of(saved) == shapes_of(model.language_model.state_dict()) | lamed_shapes(CI, seg=True)
+    config = json.loads((tmp_path / "official" / "config.json").read_text())
+    assert config["model_type"] == {"tiny-llama": "lamed_llama", "tiny-phi3": "lamed_phi3"}[llm]
+    assert config["seg_token_id"] == model.config.seg_token_id
+
+    seg = model.config.seg_config
+    report = convert_m3d_lamed(
+        tmp_path / "official", tmp_path / "converted", vit_heads=CI.heads, decoder_heads=seg.decoder_heads
+    )
+    assert set(report.mapped.values()) == set(model.state_dict())
+    assert len(report.dropped) == 21  # the zero placeholders of SegVol's unused parts
+    converted, converted_tokenizer = load_lamed(tmp_path / "converted")
+    converted.eval()
+    ours, theirs = model.state_dict(), converted.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, tensor in ours.items():
+        torch.testing.assert_close(theirs[key], tensor, rtol=0, atol=0, msg=key)
+    for field in own_fields(SegConfig):  # sizes from the tensors, heads as given
+        assert getattr(converted.config.seg_config, field) == getattr(seg, field), field
+
+    questions = ["Where is the liver?", "Is there a cyst in the left kidney?"]
+    prompts = encode_prompts(converted_tokenizer, questions, model.config.proj_out_num, chat_template=False)
+    volumes = torch.rand(2, 1, *CI.image, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = (m(images=volumes, **prompts).logits for m in (model, converted))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_our_clip_in_m3d_layout_converts_back_to_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer = build_clip("ci", temperature="m3d", text_pooling="cls")
+    model.eval()
+    save_official_clip(model, tokenizer, tmp_path / "official")
+
+    saved = load_file(tmp_path / "official" / "model.safetensors")
+    bert = BertModel(model.text_encoder.config)  # with the pooler that M3D-CLIP's BERT carries
+    release = clip_shapes(CI) | {f"language_encoder.{k}": v for k, v in shapes_of(bert.state_dict()).items()}
+    assert shapes_of(saved) == release
+
+    report = convert_m3d_clip(tmp_path / "official", tmp_path / "converted")
+    assert set(report.mapped.values()) == set(model.state_dict()) and len(report.dropped) == 2
+    converted, converted_tokenizer = load_clip(tmp_path / "converted" / "model")
+    converted.eval()
+    ours, theirs = model.state_dict(), converted.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, tensor in ours.items():
+        torch.testing.assert_close(theirs[key], tensor, rtol=0, atol=0, msg=key)
+    text = converted_tokenizer(["Liver cyst.", "No focal lesion."], padding=True, return_tensors="pt")
+    volumes = torch.rand(2, 1, *CI.image, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = (
+            m(volumes, text.input_ids, text.attention_mask).logits_per_image for m in (model, converted)
+        )
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_our_paper_scale_lamed_in_m3d_layout_has_the_releases_keys():
+    """On the meta device: the keys of M3D-LaMed-Phi-3-4B; the shapes too, but for the vocabulary (Phi-3's
+    config has 32064 rows, which we keep; M3D shrank them to its tokenizer's 32015)."""
+    with torch.device("meta"):
+        model = stage_model("align", "paper")
+        model.add_seg_module(SegConfig.from_scale("paper"))
+        llm = AutoModelForCausalLM.from_config(llm_config(PAPER, "lamed_phi3", 32015))
+    release = shapes_of(llm.state_dict()) | lamed_shapes(PAPER, seg=True)
+    ours = shapes_of(official_lamed_state(model))
+    assert ours.keys() == release.keys() and len(ours) == 617
+    assert {k for k in ours if ours[k] != release[k]} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert ours["lm_head.weight"] == (32064, 3072)
+
+
+def test_what_m3d_layout_cannot_record_is_refused(tmp_path):
+    model, tokenizer = build_clip("ci")  # standard temperature, mean pooling
+    with pytest.raises(
+        ValueError, match="temperature 'm3d' and text pooling 'cls'; this model has 'standard'"
+    ):
+        save_official_clip(model, tokenizer, tmp_path / "clip")
+    assert not (tmp_path / "clip").exists()
+
+    qwen = LaMedConfig(text_config=Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4))
+    with pytest.raises(ValueError, match="holds a phi3 or llama LLM; this model's is 'qwen2'"):
+        official_lamed_config(qwen)
+    other_heads = LaMedConfig(seg_config=SegConfig(num_heads=8))
+    with pytest.raises(ValueError, match=r"seg ViT the vision tower's .* this seg module has"):
+        official_lamed_config(other_heads)
+    with pytest.raises(ValueError, match="cannot be inverted"):
+        invert_rule(r"(.+\.)?position_ids", "position_ids")
