@@ -71,10 +71,8 @@ from m3d_lite.models.official import (
     LAMED_RULES,
     convert_m3d_clip,
     convert_m3d_lamed,
-    official_lamed_state,
-    save_official_clip,
-    save_official_lamed,
 )
+from m3d_lite.models.official_export import official_lamed_state, save_official_clip, save_official_lamed
 from m3d_lite.models.projector import ProjectorConfig
 from m3d_lite.models.segmentation import SegConfig
 from m3d_lite.models.vision import VisionConfig

@@ -10,7 +10,6 @@ The other way, our models written in that layout have its keys and shapes and co
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import re
@@ -35,14 +34,16 @@ from m3d_lite.models.official import (
     clip_config,
     convert_m3d_clip,
     convert_m3d_lamed,
-    invert_rule,
     lamed_config,
+)
+from m3d_lite.models.official_checkpoint import Checkpoint, load_into, rename, vit_config
+from m3d_lite.models.official_export import (
+    invert_rule,
     official_lamed_config,
     official_lamed_state,
     save_official_clip,
     save_official_lamed,
 )
-from m3d_lite.models.official_checkpoint import Checkpoint, load_into, rename, vit_config
 from m3d_lite.models.pretrained import PretrainedNotFoundError, load_text_tokenizer
 from m3d_lite.models.projector import SpatialPoolingProjector
 from m3d_lite.models.seg_pathway import seg_projector
@@ -586,20 +587,6 @@ def test_wrong_geometry_and_missing_sources_are_explained(tmp_path):
     # offline in the tests (conftest); online, no such repository
     with pytest.raises(PretrainedNotFoundError, match="hf download GoodBaiBai88/M3D-CLIP-missing"):
         convert_m3d_clip("GoodBaiBai88/M3D-CLIP-missing", tmp_path / "converted")
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("sentencepiece") is not None, reason="sentencepiece is installed"
-)
-def test_a_sentencepiece_tokenizer_without_sentencepiece_says_what_to_install(tokenizer, tmp_path):
-    state, config = official_lamed(tokenizer, "lamed_llama", seg=False)
-    source = tmp_path / "official"
-    write_weights(state, source, "safetensors")
-    (source / "config.json").write_text(json.dumps(config))
-    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
-    (source / "tokenizer.model").write_bytes(b"a SentencePiece model, as M3D-LaMed's slow tokenizer saves it")
-    with pytest.raises(ValueError, match="pip install sentencepiece"):
-        convert_m3d_lamed(source, tmp_path / "converted", vit_heads=TINY.heads)
 
 
 def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

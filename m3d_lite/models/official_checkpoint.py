@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -253,12 +252,6 @@ def source_tokenizer(checkpoint: Checkpoint, config: PreTrainedConfig) -> PreTra
     folder = checkpoint.folder
     if not (folder / "tokenizer_config.json").is_file():
         return None
-    only_sentencepiece = (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file()
-    if only_sentencepiece and importlib.util.find_spec("sentencepiece") is None:
-        raise ValueError(
-            f"{folder}: its tokenizer is a SentencePiece model (tokenizer.model, as M3D-LaMed saves it); "
-            "reading it needs the sentencepiece package: pip install sentencepiece"
-        )
     return AutoTokenizer.from_pretrained(folder, config=config)
 
 
