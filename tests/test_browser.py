@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from chromium import free_port, launch, require_chromium
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 NOTEBOOK = "01_data_preparation.py"
 SCREENSHOT = REPO / "runs" / "browser" / "01_data_preparation.png"
 SHIPPED_SETTINGS = REPO / "jupyter" / "overrides.json"  # `make venv` installs it as INSTALLED_SETTINGS
@@ -67,19 +57,9 @@ NOTEBOOK_STATE = """() => {
 }"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def require_chromium_and_settings() -> None:
     """Skip without Chromium (fail in CI); fail when `make venv` has not installed the lab settings."""
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: apt-get install chromium chromium-driver"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require_chromium()
     installed = INSTALLED_SETTINGS.read_text() if INSTALLED_SETTINGS.is_file() else ""
     if installed != SHIPPED_SETTINGS.read_text():
         pytest.fail(f"{INSTALLED_SETTINGS} is missing or stale: run `make venv` (it opens *.py as notebooks)")
@@ -170,9 +150,7 @@ def open_notebook(playwright, url: str):
     """Start Chromium and open `url`; one retry, since a cold browser start sometimes times out."""
     for attempt in (1, 2):
         try:
-            browser = playwright.chromium.launch(
-                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=60_000
-            )
+            browser = launch(playwright)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url, timeout=60_000)
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)

@@ -23,37 +23,12 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 import torch
+from chromium import free_port, launch, require, require_chromium
 
 from m3d_lite.models import build_lamed, save_lamed
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "runs" / "browser"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def require(condition: bool, message: str) -> None:
-    """Skip when ``condition`` fails, except in CI, where the test must run."""
-    if not condition:
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +47,7 @@ def seg_model(tmp_path_factory) -> Path:
 @pytest.fixture
 def demo_url(seg_model: Path, phantom8: Path, tmp_path: Path) -> Iterator[str]:
     """`m3d-lite demo` on a free localhost port, offering phantom8's test volume; yields its URL."""
-    require(CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install chromium chromium-driver")
+    require_chromium()
     require(importlib.util.find_spec("gradio") is not None, 'gradio is missing: pip install "m3d-lite[demo]"')
     port = free_port()
     command = [Path(sys.executable).parent / "m3d-lite", "demo", "--model", seg_model, "--port", str(port)]
@@ -124,9 +99,7 @@ def test_upload_segment_download_then_a_broken_file(demo_url: str, phantom8: Pat
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=60_000
-        )
+        browser = launch(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
             expect.set_options(timeout=30_000)
