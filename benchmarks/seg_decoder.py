@@ -67,7 +67,7 @@ def main() -> None:
     add_m3d_tokens(tokenizer)
     train = positive_items(args.data, "train", tokenizer, args.train_items, rng)
     test = positive_items(args.data, "test", tokenizer, args.test_items, rng)
-    classes = sorted({item["class_name"] for item in train})
+    classes = sorted({item["class_name"] for item in train + test})
 
     def stack(items: list[dict]) -> tuple[torch.Tensor, ...]:
         labels = [classes.index(item["class_name"]) for item in items]
