@@ -82,7 +82,7 @@ from transformers import AutoConfig, LlamaConfig, Phi3Config, PreTrainedConfig
 
 from m3d_lite.config import TrainConfig, section_config
 from m3d_lite.models.clip import M3DClipConfig, M3DClipModel
-from m3d_lite.models.lamed import LaMedConfig, LaMedForCausalLM, LLMConfig
+from m3d_lite.models.lamed import LaMedConfig, LaMedForCausalLM, LLMConfig, token_id_fields
 from m3d_lite.models.lora import LoraSettings, apply_lora
 from m3d_lite.models.pretrained import TINY_LLMS, load_llm_tokenizer, resolve_llm, tiny_llm_config
 from m3d_lite.models.projector import ProjectorConfig
@@ -296,10 +296,7 @@ def stage_model(stage: str, scale: str, llm: str | None = None) -> nn.Module:
             vision_config=VisionConfig.from_scale(scale),
             text_config=text_config,
             projector_config=dataclasses.asdict(ProjectorConfig.from_scale(scale)),
-            image_token_id=ids[0],
-            box_start_token_id=ids[1],
-            box_end_token_id=ids[2],
-            seg_token_id=ids[3],
+            **token_id_fields(dict(zip(M3D_TOKENS, ids, strict=True))),
             chat_template=settings.chat_template,
             model_max_length=settings.max_length,
             llm_name=settings.name,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,17 @@ def split_overrides(overrides: dict[str, Any], sections: dict[str, set[str]]) ->
     return {name: {k: v for k, v in overrides.items() if k in keys} for name, keys in sections.items()}
 
 
+def token_id_fields(token_ids: Mapping[str, int]) -> dict[str, int]:
+    """:class:`LaMedConfig`'s token-id fields from ``{token: id}`` of M3D's four tokens (what
+    ``add_m3d_tokens`` returns)."""
+    return {
+        "image_token_id": token_ids[IMAGE_TOKEN],
+        "box_start_token_id": token_ids[BOX_START],
+        "box_end_token_id": token_ids[BOX_END],
+        "seg_token_id": token_ids[SEG_TOKEN],
+    }
+
+
 def build_lamed(
     scale: str,
     vision_encoder: str | os.PathLike | None = None,
@@ -370,10 +382,7 @@ def build_lamed(
         vision_config=tower.config,
         text_config=language_model.config,
         projector_config=dataclasses.asdict(projector),
-        image_token_id=token_ids[IMAGE_TOKEN],
-        box_start_token_id=token_ids[BOX_START],
-        box_end_token_id=token_ids[BOX_END],
-        seg_token_id=token_ids[SEG_TOKEN],
+        **token_id_fields(token_ids),
         chat_template=settings.chat_template,
         model_max_length=settings.max_length,
         llm_name=settings.name,

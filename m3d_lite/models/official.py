@@ -34,7 +34,7 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedConfig, PreTrai
 
 from m3d_lite.io import atomic_dir
 from m3d_lite.models.clip import M3DClipConfig, M3DClipModel, save_clip, text_config_dict, vision_config_dict
-from m3d_lite.models.lamed import LaMedConfig, LaMedForCausalLM, save_lamed
+from m3d_lite.models.lamed import LaMedConfig, LaMedForCausalLM, save_lamed, token_id_fields
 from m3d_lite.models.official_checkpoint import (
     LAMED_HUB_IDS,
     Checkpoint,
@@ -49,7 +49,7 @@ from m3d_lite.models.official_checkpoint import (
 from m3d_lite.models.pretrained import load_text_tokenizer
 from m3d_lite.models.projector import ProjectorConfig
 from m3d_lite.models.segmentation import SegConfig
-from m3d_lite.models.tokenizer import BOX_END, BOX_START, IMAGE_TOKEN, SEG_TOKEN, add_m3d_tokens
+from m3d_lite.models.tokenizer import SEG_TOKEN, add_m3d_tokens
 from m3d_lite.models.vision import VisionConfig, ViT3D, save_vision_encoder
 
 LAMED_LLMS = {"lamed_phi3": "phi3", "lamed_llama": "llama"}  # M3D's model_type -> the LLM's
@@ -291,10 +291,7 @@ def lamed_config(
         text_config=llm_config(checkpoint),
         projector_config=dataclasses.asdict(projector_config(checkpoint)),
         seg_config=seg_config(checkpoint, vision, decoder_heads) if has_seg else None,
-        image_token_id=token_ids[IMAGE_TOKEN],
-        box_start_token_id=token_ids[BOX_START],
-        box_end_token_id=token_ids[BOX_END],
-        seg_token_id=token_ids[SEG_TOKEN],
+        **token_id_fields(token_ids),
         chat_template=False,
         model_max_length=M3D_MAX_LENGTH,
         llm_name=checkpoint.source,
