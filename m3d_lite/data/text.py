@@ -248,7 +248,12 @@ SEG_DESCRIPTION_QUESTIONS = (
     "Description: {} Please segment the target.",
     "{} Which structure is this? Please segment it.",
 )
-SEG_ANSWERS = ("It is [SEG].", "Sure, the segmentation is [SEG].", "Here is the mask: [SEG].", "[SEG].")
+# Every answer names its target right before [SEG]: the state that predicts [SEG] (the mask prompt) then
+# carries which organ or lesion was asked for. M3D's "It is [SEG]." leaves it to the LLM to carry the name
+# from the question; in SmolLM2-135M the organ is then 4 % of that state's variance, against 22 % here
+# (benchmarks/seg_prompt_probe.py), and the masks stay empty.
+M3D_SEG_ANSWERS = ("It is [SEG].", "Sure, the segmentation is [SEG].", "Here is the mask: [SEG].", "[SEG].")
+SEG_ANSWERS = ("The {} is [SEG].", "Sure, the {} is [SEG].", "This is the {}: [SEG].", "The {}: [SEG].")
 SEG_DESCRIPTION_ANSWERS = (
     "The target is the {} and the segmentation is [SEG].",
     "It is the {}, segmented as [SEG].",
@@ -265,8 +270,8 @@ REFSEG_DESCRIPTION_QUESTIONS = (
 )
 REFSEG_DESCRIPTION_ANSWERS = (
     "It is the {size} mm {kind} in the {place}: [SEG].",
-    "Sure, the {kind} lies in the {place}; the segmentation is [SEG].",
-    "The lesion ([SEG]) is a {kind} of {attenuation}, in the {place}.",
+    "Sure, the {kind} in the {place} is [SEG].",
+    "The lesion, a {kind} of {attenuation} in the {place}, is [SEG].",
 )
 REFSEG_REASONING_QUESTIONS = (
     "The patient {clue}. Which region in this scan could explain it? Please segment it.",
@@ -277,7 +282,7 @@ REFSEG_REASONING_QUESTIONS = (
 REFSEG_REASONING_ANSWERS = (
     "The {kind} in the {place} [SEG] could explain it: {why}.",
     "This is most likely due to the {kind} in the {place}, segmented as [SEG]; {why}.",
-    "The relevant region is [SEG], a {size} mm {kind} in the {place}: {why}.",
+    "The relevant region is the {size} mm {kind} in the {place}, [SEG]: {why}.",
 )
 _CLUES: dict[tuple[str, str], tuple[str, str]] = {  # (kind, organ group) -> (clue, explanation)
     ("stone", "kidney"): (
@@ -512,7 +517,7 @@ def seg_question(name: str, rng: np.random.Generator, description: bool = False)
 
 def seg_answer(name: str, rng: np.random.Generator, description: bool = False) -> str:
     """Seg answer with exactly one [SEG] (naming ``name`` when the question was a description)."""
-    return _pick(rng, SEG_DESCRIPTION_ANSWERS).format(name) if description else _pick(rng, SEG_ANSWERS)
+    return _pick(rng, SEG_DESCRIPTION_ANSWERS if description else SEG_ANSWERS).format(name)
 
 
 def refseg_qas(lesion: Lesion, findings: Findings, rng: np.random.Generator) -> list[tuple[int, str, str]]:
