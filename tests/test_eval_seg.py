@@ -7,7 +7,12 @@ import torch
 
 from m3d_lite.data.seg_data import RefSegDataset, SegTaskDataset
 from m3d_lite.eval import tasks
-from m3d_lite.eval.tasks import SEG_SCORES, evaluate_referring_segmentation, evaluate_segmentation
+from m3d_lite.eval.tasks import (
+    SEG_SCORES,
+    evaluate_referring_segmentation,
+    evaluate_segmentation,
+    prompt_cosine,
+)
 from m3d_lite.models import build_lamed
 
 FAST = {"batch_size": 2, "max_new_tokens": 3, "progress": False}
@@ -24,6 +29,9 @@ def model_and_tokenizer(tmp_path_factory):
 
 
 def assert_means_of_rows(summary: dict[str, float], rows: list[dict], group: str) -> None:
+    summary = dict(summary)
+    cosine = summary.pop("prompt_cosine")
+    assert np.isnan(cosine) if len({row[group] for row in rows}) < 2 else -1 <= cosine <= 1
     for key in SEG_SCORES:
         assert summary[key] == pytest.approx(np.mean([float(row[key]) for row in rows]))
         for name in {row[group] for row in rows}:
@@ -77,3 +85,19 @@ def test_a_model_without_seg_module_is_refused(phantom8, model_and_tokenizer, mo
         evaluate_segmentation(model, tokenizer, phantom8, limit=1, **FAST)
     with pytest.raises(ValueError, match="^referring segmentation: this model has no seg module"):
         evaluate_referring_segmentation(model, tokenizer, phantom8, "train", limit=1, **FAST)
+
+
+def test_prompt_cosine_compares_prompts_of_different_targets_only():
+    same, other = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    rows = [
+        {"class_name": "liver", "prompt": same},
+        {"class_name": "liver", "prompt": -same},  # same class: not compared
+        {"class_name": "spleen", "prompt": other},
+        {"class_name": "kidney", "prompt": None},  # no [SEG] forced: left out
+    ]
+    # liver-spleen pairs: cos(same, other) = 0.71 and cos(-same, other) = -0.71, each counted both ways
+    assert prompt_cosine(rows, lambda row: row["class_name"]) == pytest.approx(0.0, abs=1e-6)
+    assert all("prompt" not in row for row in rows)
+    rows = [{"class_name": name, "prompt": same * scale} for name, scale in (("liver", 1), ("spleen", 3))]
+    assert prompt_cosine(rows, lambda row: row["class_name"]) == pytest.approx(1.0)  # one prompt for all
+    assert np.isnan(prompt_cosine([{"class_name": "liver", "prompt": same}], lambda row: row["class_name"]))

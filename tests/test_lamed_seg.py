@@ -54,6 +54,7 @@ def test_seg_loss_alone_reaches_decoder_projector_and_lora():
         part.requires_grad_(True)
     output = wrapped(**seg_batch(model, tokenizer))
     assert output.seg_logits.shape == (1, 1, 32, 64, 64)  # only row 0 has a mask and a [SEG]
+    assert output.seg_prompts.shape == (1, model.config.seg_config.embed_dim)
     torch.testing.assert_close(output.loss, output.lm_loss + output.dice_loss + output.bce_loss)
     (output.dice_loss + output.bce_loss).backward()
     grads = {n: p.grad for n, p in wrapped.named_parameters() if p.requires_grad}

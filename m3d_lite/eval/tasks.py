@@ -417,7 +417,8 @@ def segment(
     (M3D's: MONAI ``compute_dice`` of the sigmoid > 0.5 mask, no ``[SEG]`` = an empty mask = 0), and, from
     the true answer teacher-forced through ``model(...)``, ``dice_forced`` (the same Dice) and
     ``soft_dice_forced`` (1 - M3D's soft Dice loss, :func:`~m3d_lite.models.segmentation.seg_losses`): the
-    decoder alone, whatever the LLM writes. A true answer truncated before its ``[SEG]`` scores 0 there."""
+    decoder alone, whatever the LLM writes. A true answer truncated before its ``[SEG]`` scores 0 there.
+    ``prompt``: the teacher-forced mask prompt (None without one), for :func:`prompt_cosine`."""
     collate = InstructCollator(tokenizer)
 
     @torch.no_grad()
@@ -433,9 +434,14 @@ def segment(
         del collated["labels"]  # no language-model loss needed
         output = model(**{key: value.to(model.device) for key, value in collated.items()})
         forced = torch.full(truth.shape, -torch.inf)  # sigmoid 0: an empty mask where no [SEG] was forced
+        prompts: list[torch.Tensor | None] = [None] * len(batch)
         if output.seg_logits is not None:
             has_seg = (collated["input_ids"][:, 1:] == model.config.seg_token_id).any(1)
-            forced[has_seg & truth.flatten(1).any(1)] = output.seg_logits.float().cpu()
+            rows = has_seg & truth.flatten(1).any(1)
+            forced[rows] = output.seg_logits.float().cpu()
+            prompted = rows.nonzero()[:, 0].tolist()
+            for i, prompt in zip(prompted, output.seg_prompts.float().cpu(), strict=True):
+                prompts[i] = prompt
         dice = compute_dice(generated, truth, ignore_empty=False)[:, 0].tolist()
         dice_forced = compute_dice(forced.sigmoid() > 0.5, truth, ignore_empty=False)[:, 0].tolist()
         return [
@@ -445,11 +451,26 @@ def segment(
                 "dice": dice[i],
                 "dice_forced": dice_forced[i],
                 "soft_dice_forced": 1 - seg_losses(forced[i : i + 1], truth[i : i + 1])["dice"].item(),
+                "prompt": prompts[i],
             }
             for i in range(len(batch))
         ]
 
     return answer_in_batches(dataset, indices, batch_size, desc, progress, answer)
+
+
+def prompt_cosine(rows: list[dict[str, Any]], target: Callable[[dict[str, Any]], Any]) -> float:
+    """Mean cosine similarity of the mask prompts of rows asking for different ``target``s, and pops each
+    row's ``prompt``. Near 1, the decoder gets the same prompt whatever was asked and can only draw one
+    average mask: the first thing to look at when Dice stays low. NaN with fewer than two targets."""
+    prompted = [(target(row), row.pop("prompt")) for row in rows]
+    prompted = [(name, prompt) for name, prompt in prompted if prompt is not None]
+    if len({name for name, _ in prompted}) < 2:
+        return float("nan")
+    names = [name for name, _ in prompted]
+    unit = torch.nn.functional.normalize(torch.stack([prompt for _, prompt in prompted]), dim=1)
+    different = torch.tensor([[a != b for b in names] for a in names])
+    return (unit @ unit.T)[different].mean().item()
 
 
 def require_seg_module(model: LaMedForCausalLM, task: str) -> None:
@@ -465,7 +486,7 @@ def evaluate_segmentation(
     split: str = "test",
     limit: int | None = None,
     batch_size: int = 4,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 32,
     progress: bool = True,
 ) -> TaskResult:
     """Semantic segmentation by class name ("can you segment the liver?") on the first ``limit``
@@ -475,7 +496,8 @@ def evaluate_segmentation(
     we add the teacher-forced Dice of the decoder fed the true answer (see :func:`segment`). Rows: image,
     class_name, question, prediction, generated_seg, dice, dice_forced, soft_dice_forced. Summary: the
     means of dice, dice_forced, soft_dice_forced and generated_seg (the share of answers with ``[SEG]``),
-    overall and per class (``dice/liver``, ...).
+    overall and per class (``dice/liver``, ...), and ``prompt_cosine`` between classes
+    (:func:`prompt_cosine`).
     """
     require_seg_module(model, "segmentation")
     config = model.config
@@ -494,7 +516,9 @@ def evaluate_segmentation(
         for item, scores in scored
     ]
     classes = sorted({row["class_name"] for row in rows})
-    return TaskResult("segmentation", rows, means_by(rows, SEG_SCORES, "class_name", classes))
+    summary = means_by(rows, SEG_SCORES, "class_name", classes)
+    summary["prompt_cosine"] = prompt_cosine(rows, lambda row: row["class_name"])
+    return TaskResult("segmentation", rows, summary)
 
 
 def evaluate_referring_segmentation(
@@ -504,14 +528,15 @@ def evaluate_referring_segmentation(
     split: str = "test",
     limit: int | None = None,
     batch_size: int = 4,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 48,
     progress: bool = True,
 ) -> TaskResult:
     """Referring segmentation on the first ``limit`` rows of M3D-RefSeg ``split``, asked with the csv
     question; scored as :func:`evaluate_segmentation` (M3D: Dice of the generated mask; added: the
     teacher-forced Dice). Rows: image, mask_id, question_type (description or reasoning), question,
     prediction, generated_seg, dice, dice_forced, soft_dice_forced. Summary: the means of dice,
-    dice_forced, soft_dice_forced and generated_seg, overall and per question type (``dice/reasoning``, ...).
+    dice_forced, soft_dice_forced and generated_seg, overall and per question type (``dice/reasoning``, ...),
+    and ``prompt_cosine`` between different masks.
     """
     require_seg_module(model, "referring segmentation")
     config = model.config
@@ -531,4 +556,5 @@ def evaluate_referring_segmentation(
         for i, (item, scores) in zip(indices, scored, strict=True)
     ]
     summary = means_by(rows, SEG_SCORES, "question_type", REFSEG_QUESTION_TYPES.values())
+    summary["prompt_cosine"] = prompt_cosine(rows, lambda row: (row["image"], row["mask_id"]))
     return TaskResult("referring_segmentation", rows, summary)

@@ -114,9 +114,11 @@ class LaMedConfig(PreTrainedConfig):
 @dataclasses.dataclass
 class LaMedOutput(CausalLMOutputWithPast):
     """The LLM's output, plus, when ``seg_masks`` were given: ``seg_logits`` (rows with a mask and a
-    ``[SEG]``, R x 1 x D x H x W), and the parts of ``loss`` = ``lm_loss`` + ``dice_loss`` + ``bce_loss``."""
+    ``[SEG]``, R x 1 x D x H x W), the mask prompts they were decoded from (``seg_prompts``, R x prompt
+    width), and the parts of ``loss`` = ``lm_loss`` + ``dice_loss`` + ``bce_loss``."""
 
     seg_logits: torch.Tensor | None = None
+    seg_prompts: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     dice_loss: torch.Tensor | None = None
     bce_loss: torch.Tensor | None = None
@@ -263,7 +265,8 @@ class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
         rows = has_seg & seg_masks.flatten(1).any(1)
         if not rows.any():
             return output
-        output.seg_logits = self.seg_module(images[rows], self.seg_projector(states[rows]))
+        output.seg_prompts = self.seg_projector(states[rows])
+        output.seg_logits = self.seg_module(images[rows], output.seg_prompts)
         losses = seg_losses(output.seg_logits, seg_masks[rows].to(output.seg_logits.dtype))
         output.lm_loss, output.dice_loss, output.bce_loss = output.loss, losses["dice"], losses["bce"]
         if output.loss is not None:
