@@ -57,6 +57,12 @@ def main() -> None:
         help="shares of the 10 tasks, INSTRUCTION_TASKS + SEGMENTATION_TASKS order (default: by size)",
     )
     parser.add_argument("--limit", type=int, default=100, help="test samples per task for evaluation")
+    parser.add_argument(
+        "--tasks",
+        type=lambda text: text.split(","),
+        default=None,
+        help="evaluate only these tasks, e.g. segmentation,referring_segmentation (default: all)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of the evaluation's decoding")
     parser.add_argument(
         "--resume",
@@ -93,6 +99,8 @@ def main() -> None:
         model.to("cuda")
     evaluations = {}
     for evaluate in TASKS + (SEG_TASKS if model.seg_module is not None else ()):
+        if args.tasks is not None and evaluate.__name__.removeprefix("evaluate_") not in args.tasks:
+            continue
         task = evaluate(model, tokenizer, args.data, "test", limit=args.limit, batch_size=args.batch_size)
         write_rows_csv(task, args.out / f"eval_{task.task}.csv")
         evaluations[task.task] = {name: round(value, 4) for name, value in task.summary.items()}

@@ -16,8 +16,8 @@
 # # 05 · Segmentation through the `[SEG]` token
 #
 # An LLM writes tokens; a mask is a million voxels. M3D connects the two with one extra word: when the
-# model answers "It is [SEG].", the LLM's hidden state at that moment becomes the **prompt** of a 3D mask
-# decoder (SegVol's), which paints the voxels. The LLM decides *whether* and *what* to segment; the
+# model answers "The liver is [SEG].", the LLM's hidden state at that moment becomes the **prompt** of a
+# 3D mask decoder (SegVol's), which paints the voxels. The LLM decides *whether* and *what* to segment; the
 # decoder decides *where*.
 #
 # 1. segmentation and referring-segmentation questions, and their masks;
@@ -50,6 +50,7 @@ from m3d_lite import viz
 from m3d_lite.config import default_data_dir
 from m3d_lite.course.checks import check_function, summary
 from m3d_lite.course.handoff import stage1_run
+from m3d_lite.data import text
 from m3d_lite.data.datasets import InstructCollator
 from m3d_lite.data.phantom_dataset import ensure_phantom_dataset
 from m3d_lite.data.seg_data import RefSegDataset, SegTaskDataset
@@ -73,7 +74,7 @@ print(f"stage-1 model: {align_run / 'model'} ({config.llm_name})")
 # ## 1. Questions whose answer is a mask
 #
 # Three tasks join the stage-2 mix (M3D's `MultiSegDataset`):
-# * **semantic segmentation** from M3D-Seg: "Can you segment the liver?" -> "It is [SEG]." with the
+# * **semantic segmentation** from M3D-Seg: "Can you segment the liver?" -> "The liver is [SEG]." with the
 #   liver's mask; the same by a *definition* of the organ; and for an organ that is absent, an answer
 #   without `[SEG]` ("there is no ...") and no mask;
 # * **referring segmentation** from M3D-RefSeg: a free-form question about one specific finding ("the
@@ -90,7 +91,7 @@ for item in (seg_tasks[0], refseg[0]):
 # %% [markdown]
 # ## 2. Which hidden state becomes the prompt?
 #
-# During training the answer is in the input, `... It is [SEG] . <end>`. Position t of the LLM's last
+# During training the answer is in the input, `... The liver is [SEG] . <end>`. Position t of the LLM's last
 # layer predicts token t + 1, so the state that "decides" to write `[SEG]` sits one position *before* it.
 # M3D (after LISA) takes exactly that state; several `[SEG]` in one answer are averaged; a row without
 # `[SEG]` gets no mask.
@@ -126,6 +127,22 @@ my_seg_states = check_function(
     ],
     strict=STRICT_CHECKS,
 )
+
+# %% [markdown]
+# ### Why the answer names its target
+# M3D's answers are "It is [SEG].", "Sure, the segmentation result is [SEG]." and the like: the state that
+# predicts `[SEG]` then follows the same few words whatever was asked, and only a large LLM carries "liver"
+# from the question into it. In SmolLM2-135M, before any training, the organ asked for is 4 % of that
+# state's variance, the answer's wording the rest (`benchmarks/seg_prompt_probe.py`); every organ gets
+# nearly the same prompt, the decoder learns one average mask, and the masks come out empty. Our answers
+# name the target right before `[SEG]` ("The liver is [SEG].", "This is the cyst in the left lobe of the
+# liver: [SEG]."), and the organ becomes 22 % of it. `evaluate_segmentation` reports the symptom as
+# `prompt_cosine`: the mean cosine similarity of the prompts of different organs, which must stay well
+# below 1 for masks to differ.
+
+# %%
+print("M3D's answers:", text.M3D_SEG_ANSWERS)
+print("ours:         ", text.SEG_ANSWERS)
 
 # %% [markdown]
 # In generation there is no answer yet: the model writes it token by token, and the states that
