@@ -459,14 +459,15 @@ def segment(
     return answer_in_batches(dataset, indices, batch_size, desc, progress, answer)
 
 
-def prompt_cosine(rows: list[dict[str, Any]], target: Callable[[dict[str, Any]], Any]) -> float:
+def prompt_cosine(rows: list[dict[str, Any]], target: Callable[[dict[str, Any]], Any]) -> float | None:
     """Mean cosine similarity of the mask prompts of rows asking for different ``target``s, and pops each
     row's ``prompt``. Near 1, the decoder gets the same prompt whatever was asked and can only draw one
-    average mask: the first thing to look at when Dice stays low. NaN with fewer than two targets."""
+    average mask: the first thing to look at when Dice stays low. None with fewer than two targets (the
+    summaries then leave it out, as NaN would not survive a JSON round trip)."""
     prompted = [(target(row), row.pop("prompt")) for row in rows]
     prompted = [(name, prompt) for name, prompt in prompted if prompt is not None]
     if len({name for name, _ in prompted}) < 2:
-        return float("nan")
+        return None
     names = [name for name, _ in prompted]
     unit = torch.nn.functional.normalize(torch.stack([prompt for _, prompt in prompted]), dim=1)
     different = torch.tensor([[a != b for b in names] for a in names])
@@ -497,7 +498,7 @@ def evaluate_segmentation(
     class_name, question, prediction, generated_seg, dice, dice_forced, soft_dice_forced. Summary: the
     means of dice, dice_forced, soft_dice_forced and generated_seg (the share of answers with ``[SEG]``),
     overall and per class (``dice/liver``, ...), and ``prompt_cosine`` between classes
-    (:func:`prompt_cosine`).
+    (:func:`prompt_cosine`; left out with fewer than two classes).
     """
     require_seg_module(model, "segmentation")
     config = model.config
@@ -517,7 +518,8 @@ def evaluate_segmentation(
     ]
     classes = sorted({row["class_name"] for row in rows})
     summary = means_by(rows, SEG_SCORES, "class_name", classes)
-    summary["prompt_cosine"] = prompt_cosine(rows, lambda row: row["class_name"])
+    if (cosine := prompt_cosine(rows, lambda row: row["class_name"])) is not None:
+        summary["prompt_cosine"] = cosine
     return TaskResult("segmentation", rows, summary)
 
 
@@ -536,7 +538,7 @@ def evaluate_referring_segmentation(
     teacher-forced Dice). Rows: image, mask_id, question_type (description or reasoning), question,
     prediction, generated_seg, dice, dice_forced, soft_dice_forced. Summary: the means of dice,
     dice_forced, soft_dice_forced and generated_seg, overall and per question type (``dice/reasoning``, ...),
-    and ``prompt_cosine`` between different masks.
+    and ``prompt_cosine`` between different masks (left out with fewer than two).
     """
     require_seg_module(model, "referring segmentation")
     config = model.config
@@ -556,5 +558,6 @@ def evaluate_referring_segmentation(
         for i, (item, scores) in zip(indices, scored, strict=True)
     ]
     summary = means_by(rows, SEG_SCORES, "question_type", REFSEG_QUESTION_TYPES.values())
-    summary["prompt_cosine"] = prompt_cosine(rows, lambda row: (row["image"], row["mask_id"]))
+    if (cosine := prompt_cosine(rows, lambda row: (row["image"], row["mask_id"]))) is not None:
+        summary["prompt_cosine"] = cosine
     return TaskResult("referring_segmentation", rows, summary)
