@@ -56,6 +56,9 @@ def main() -> None:
         default=None,
         help="shares of the 10 tasks, INSTRUCTION_TASKS + SEGMENTATION_TASKS order (default: by size)",
     )
+    parser.add_argument(
+        "--raw-seg-states", action="store_true", help="no seg_state_norm: M3D's [SEG] states as they are"
+    )
     parser.add_argument("--limit", type=int, default=100, help="test samples per task for evaluation")
     parser.add_argument(
         "--tasks",
@@ -78,6 +81,7 @@ def main() -> None:
         args.align,
         args.out,
         task_weights=args.task_weights,
+        seg_state_norm=not args.raw_seg_states,
         max_steps=args.max_steps,
         resume=args.resume,
     )

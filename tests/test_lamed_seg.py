@@ -133,14 +133,33 @@ def test_add_seg_module_then_save_and_reload(tmp_path):
         model.add_seg_module(SegConfig.from_scale("ci"))
 
 
-def test_seg_encoder_starts_from_the_vision_tower_or_refuses_another_geometry():
-    model, _ = build(segmentation=False)
-    model.add_seg_module(SegConfig.from_scale("ci"), encoder_from_vision=True)
-    tower = model.vision_tower.vision_tower.state_dict()
-    encoder = model.seg_module.image_encoder.state_dict()
-    assert set(tower) - set(encoder) == {"cls_token"}
-    for key, value in encoder.items():
-        assert torch.equal(value, tower[key]), key
-    other, _ = build(segmentation=False)
-    with pytest.raises(ValueError, match=r"differ in \{'hidden_size': \(64, 32\)"):
-        other.add_seg_module(SegConfig.from_scale("ci", hidden_size=32, mlp_dim=64), encoder_from_vision=True)
+def test_seg_state_norm_is_fitted_on_seg_states_used_and_saved(tmp_path):
+    model, tokenizer = build(segmentation=False)
+    model.add_seg_module(SegConfig.from_scale("ci"), state_norm=True)
+    assert model.config.seg_state_norm and model.seg_state_norm is not None
+    batch = seg_batch(model, tokenizer, answers=(ANSWER, "The liver: [SEG]."))
+    batch["seg_masks"][1] = batch["seg_masks"][0]  # both rows decode a mask
+    items = [
+        {"images": batch["images"][i], "input_ids": row[mask.bool()], "image_path": f"scan{i}"}
+        for i, (row, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"], strict=True))
+    ]
+    states = model.seg_states(items)
+    with torch.no_grad():  # by hand: the states that predict [SEG], one row at a time
+        for i, item in enumerate(items):
+            hidden = model(
+                images=item["images"][None], input_ids=item["input_ids"][None], output_hidden_states=True
+            )
+            seg_at = (item["input_ids"] == model.config.seg_token_id).nonzero().item()
+            torch.testing.assert_close(states[i], hidden.hidden_states[-1][0, seg_at - 1])
+    model.seg_state_norm.fit(states)
+    with torch.no_grad():
+        prompts = model.eval()(**batch).seg_prompts
+    torch.testing.assert_close(prompts, model.seg_projector(model.seg_state_norm(states)))
+    save_lamed(model, tokenizer, tmp_path / "model")
+    reloaded, _ = load_lamed(tmp_path / "model")
+    assert reloaded.config.seg_state_norm
+    for name in ("mean", "std"):
+        assert torch.equal(getattr(reloaded.seg_state_norm, name), getattr(model.seg_state_norm, name))
+    no_seg = items[1]["input_ids"].masked_fill(items[1]["input_ids"] == model.config.seg_token_id, 0)
+    with pytest.raises(ValueError, match="scan1: this item's answer holds no \\[SEG\\] token"):
+        model.seg_states([items[0], {**items[1], "input_ids": no_seg}])

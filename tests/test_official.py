@@ -629,6 +629,26 @@ def test_our_lamed_in_m3d_layout_converts_back_to_the_same_model(tmp_path, llm):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_seg_state_norm_is_folded_into_the_projector_in_m3d_layout(tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer = build_lamed("ci", llm="tiny-llama")
+    model.add_seg_module(SegConfig.from_scale("ci"), state_norm=True)
+    hidden = model.config.text_config.hidden_size
+    states = torch.randn(40, hidden) * torch.rand(hidden) * 20 + torch.randn(hidden) * 50
+    model.seg_state_norm.fit(states)
+    save_official_lamed(model.eval(), tokenizer, tmp_path / "official")
+    seg = model.config.seg_config
+    convert_m3d_lamed(
+        tmp_path / "official", tmp_path / "converted", vit_heads=CI.heads, decoder_heads=seg.decoder_heads
+    )
+    converted, _ = load_lamed(tmp_path / "converted")
+    assert converted.seg_state_norm is None  # M3D's layout has no standardiser: it lives in the projector
+    with torch.no_grad():
+        expected, got = model.seg_prompts(states), converted.eval().seg_prompts(states)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(converted.seg_projector[0].weight, model.seg_projector[0].weight)
+
+
 def test_our_clip_in_m3d_layout_converts_back_to_the_same_model(tmp_path):
     torch.manual_seed(0)
     model, tokenizer = build_clip("ci", temperature="m3d", text_pooling="cls")

@@ -26,6 +26,7 @@ from m3d_lite.train.instruct import (
     SEGMENTATION_TASKS,
     instruction_data,
     load_stage1,
+    seg_state_items,
     train_instruct,
     unfreeze_for_instruction,
 )
@@ -186,6 +187,7 @@ def test_stage2_adds_and_trains_a_seg_module_on_seg_tasks(phantom8, stage1, run)
     assert load_stage1(stage1)[0].seg_module is None and base.seg_module is not None  # added in stage 2
     settings = json.loads((run.out_dir / "run.json").read_text())
     assert settings["segmentation"] is True and settings["seg_encoder_from_vision"] is True
+    assert settings["seg_state_norm"] is True
     config = base.config
     data = instruction_data(
         phantom8, "train", tokenizer, config.proj_out_num, config.model_max_length, segmentation=True
@@ -195,6 +197,21 @@ def test_stage2_adds_and_trains_a_seg_module_on_seg_tasks(phantom8, stage1, run)
     with torch.no_grad():
         output = model.eval()(**batch)
     assert output.seg_logits.shape == (2, 1, *config.seg_config.image_size) and output.dice_loss < 1
+
+
+def test_seg_state_norm_is_fitted_on_the_stage1_seg_states(phantom8, stage1, run):
+    before, tokenizer = load_stage1(stage1)
+    items = list(seg_state_items(phantom8, tokenizer, before.config, count=9))
+    assert len(items) == 9
+    assert {"seg_mask" in item and "mask_id" in item for item in items} == {True, False}  # organs and RefSeg
+    assert all((item["input_ids"] == before.config.seg_token_id).any() for item in items)
+    seed = TrainConfig.from_scale("ci", "instruct").seed
+    states = before.seg_states(
+        seg_state_items(phantom8, tokenizer, before.config, seed=seed)
+    )  # the 64 it used
+    standardized = load_lamed_lora(run.out_dir)[0].get_base_model().seg_state_norm(states)
+    torch.testing.assert_close(standardized.mean(0), torch.zeros(states.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(standardized.std(0), torch.ones(states.shape[1]), atol=1e-4, rtol=1e-4)
 
 
 def test_cli_trains_resumes_and_exports(phantom8, stage1, tmp_path, capsys):

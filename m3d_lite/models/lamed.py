@@ -23,13 +23,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -45,7 +46,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from m3d_lite.config import section_config
 from m3d_lite.models.pretrained import load_llm, load_llm_tokenizer
 from m3d_lite.models.projector import ProjectorConfig, build_projector
-from m3d_lite.models.seg_pathway import generated_seg_states, seg_projector, seg_token_states
+from m3d_lite.models.seg_pathway import (
+    StateStandardizer,
+    generated_seg_states,
+    seg_projector,
+    seg_token_states,
+)
 from m3d_lite.models.segmentation import SegConfig, SegModule, seg_losses
 from m3d_lite.models.tokenizer import (
     BOX_END,
@@ -74,7 +80,8 @@ class LaMedConfig(PreTrainedConfig):
     (``projector_config``, a :class:`ProjectorConfig` as dict), the mask decoder (``seg_config``, a
     :class:`~m3d_lite.models.segmentation.SegConfig`; None: a model without segmentation), the ids of M3D's
     tokens, the prompt format (``chat_template``) and ``model_max_length``. Defaults are M3D's paper
-    setting (ViT-B/3D + Phi-3-mini).
+    setting (ViT-B/3D + Phi-3-mini). ``seg_state_norm=True`` (added; M3D has none) standardises the
+    ``[SEG]`` states before ``seg_projector`` (``seg_pathway.StateStandardizer``).
     """
 
     model_type = "lamed"
@@ -95,6 +102,7 @@ class LaMedConfig(PreTrainedConfig):
     chat_template: bool = True
     model_max_length: int = 512
     llm_name: str | None = None
+    seg_state_norm: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.projector_config = dataclasses.asdict(ProjectorConfig(**(self.projector_config or {})))
@@ -126,7 +134,8 @@ class LaMedOutput(CausalLMOutputWithPast):
 
 class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
     """``vision_tower`` -> ``mm_projector`` -> image tokens spliced into ``language_model``'s input; with a
-    ``seg_config``, also ``seg_projector`` -> ``seg_module``: the ``[SEG]`` state becomes a mask.
+    ``seg_config``, also (``seg_state_norm`` ->) ``seg_projector`` -> ``seg_module``: the ``[SEG]`` state
+    becomes a mask.
 
     ``vision_tower`` / ``language_model`` given to the constructor (pretrained) are used as they are;
     missing ones are built from the config (random), as ``from_pretrained`` does before loading weights.
@@ -159,29 +168,61 @@ class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
         else:  # a LaMedConfig built around its config reset its attention choice to None (transformers 5)
             language_model.set_attn_implementation(config._attn_implementation)
         self.language_model = language_model
-        self.seg_projector = self.seg_module = None
+        self.seg_state_norm = self.seg_projector = self.seg_module = None
         if config.seg_config is not None:
             self.build_seg_parts(config.seg_config)
         self.post_init()
 
     def build_seg_parts(self, seg_config: SegConfig) -> None:
-        """Fresh ``seg_projector`` and ``seg_module`` for ``seg_config``."""
-        self.seg_projector = seg_projector(self.config.text_config.hidden_size, seg_config.embed_dim)
+        """Fresh ``seg_projector`` and ``seg_module`` for ``seg_config`` (and ``seg_state_norm``, the
+        identity until fitted, when the config asks for it)."""
+        hidden = self.config.text_config.hidden_size
+        self.seg_state_norm = StateStandardizer(hidden) if self.config.seg_state_norm else None
+        self.seg_projector = seg_projector(hidden, seg_config.embed_dim)
         self.seg_module = SegModule(seg_config)
 
-    def add_seg_module(self, seg_config: SegConfig, encoder_from_vision: bool = False) -> None:
+    def add_seg_module(
+        self, seg_config: SegConfig, encoder_from_vision: bool = False, state_norm: bool = False
+    ) -> None:
         """Give a model built without segmentation (stage 1) a fresh mask decoder and ``[SEG]`` projector,
         on its device and in its dtype, and record ``seg_config`` so that it saves and reloads with them.
         M3D too adds its seg module at stage 2. ``encoder_from_vision=True`` starts the seg image encoder
-        from the vision tower's weights (``SegModule.init_encoder_from``)."""
+        from the vision tower's weights (``SegModule.init_encoder_from``). ``state_norm=True`` adds
+        ``seg_state_norm``; fit it with ``model.seg_state_norm.fit(model.seg_states(items))``."""
         if self.seg_module is not None:
             raise ValueError("this model already has a seg module")
         self.config.seg_config = seg_config
+        self.config.seg_state_norm = state_norm
         self.build_seg_parts(seg_config)
         if encoder_from_vision:
             self.seg_module.init_encoder_from(self.vision_tower.vision_tower)
-        self.seg_projector.to(self.device, self.dtype)
-        self.seg_module.to(self.device, self.dtype)
+        for part in (self.seg_state_norm, self.seg_projector, self.seg_module):
+            if part is not None:
+                part.to(self.device, self.dtype)
+
+    def seg_prompts(self, states: torch.Tensor) -> torch.Tensor:
+        """R x H ``[SEG]`` states -> R x prompt-width mask prompts (``seg_state_norm``, ``seg_projector``)."""
+        if self.seg_state_norm is not None:
+            states = self.seg_state_norm(states)
+        return self.seg_projector(states)
+
+    @torch.no_grad()
+    def seg_states(self, items: Iterable[dict[str, Any]], progress: bool = False) -> torch.Tensor:
+        """N x H: the last-layer state that predicts ``[SEG]`` (the mean when several) in each of ``items``,
+        instruct items (``images`` 1 x D x H x W, ``input_ids`` L, ``image_path``) whose answer holds a
+        ``[SEG]``; run one at a time in eval mode. An item without ``[SEG]`` is an error naming its image."""
+        was_training, states = self.training, []
+        self.eval()
+        for item in tqdm(items, desc="[SEG] states", disable=not progress):
+            input_ids = item["input_ids"][None].to(self.device)
+            images = item["images"][None].to(self.device, self.dtype)
+            output = self(images=images, input_ids=input_ids, output_hidden_states=True)
+            state, has_seg = seg_token_states(output.hidden_states[-1], input_ids, self.config.seg_token_id)
+            if not has_seg.all():
+                raise ValueError(f"{item['image_path']}: this item's answer holds no [SEG] token")
+            states.append(state[0])
+        self.train(was_training)
+        return torch.stack(states)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Keep every part's own initialisation (see ``M3DClipModel._init_weights``): MONAI's for the ViT,
@@ -265,7 +306,7 @@ class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
         rows = has_seg & seg_masks.flatten(1).any(1)
         if not rows.any():
             return output
-        output.seg_prompts = self.seg_projector(states[rows])
+        output.seg_prompts = self.seg_prompts(states[rows])
         output.seg_logits = self.seg_module(images[rows], output.seg_prompts)
         losses = seg_losses(output.seg_logits, seg_masks[rows].to(output.seg_logits.dtype))
         output.lm_loss, output.dice_loss, output.bce_loss = output.loss, losses["dice"], losses["bce"]
@@ -309,7 +350,7 @@ class LaMedForCausalLM(PreTrainedModel, GenerationMixin):
             (len(images), 1, *images.shape[2:]), float("-inf"), dtype=states.dtype, device=states.device
         )
         if has_seg.any():
-            seg_logits[has_seg] = self.seg_module(images[has_seg], self.seg_projector(states[has_seg])).to(
+            seg_logits[has_seg] = self.seg_module(images[has_seg], self.seg_prompts(states[has_seg])).to(
                 seg_logits.dtype
             )
         return output.sequences, seg_logits

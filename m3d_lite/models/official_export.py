@@ -30,6 +30,7 @@ from m3d_lite.models.official import (
     LAMED_RULES,
     M3D_ARCHITECTURES,
 )
+from m3d_lite.models.seg_pathway import fold_state_norm
 from m3d_lite.models.segmentation import SegConfig
 from m3d_lite.models.vision import VisionConfig
 
@@ -127,8 +128,9 @@ def zeros_like_layout(shapes: dict[str, tuple[int, ...]], like: torch.Tensor) ->
 
 def official_lamed_state(model: LaMedForCausalLM) -> dict[str, torch.Tensor]:
     """``model``'s tensors under M3D-LaMed's names (:data:`LAMED_RULES` inverted), plus zeros for the SegVol
-    parts M3D saves and never uses, so that the keys are the releases' (also on the meta device)."""
-    state = to_official(model.state_dict(), LAMED_RULES, "LaMed")
+    parts M3D saves and never uses, so that the keys are the releases' (also on the meta device). A
+    ``seg_state_norm`` (not in M3D) is folded into the seg projector (:func:`fold_state_norm`)."""
+    state = to_official(fold_state_norm(model.state_dict()), LAMED_RULES, "LaMed")
     if model.seg_module is not None:
         like = state["model.seg_module.mask_decoder.iou_token.weight"]
         state |= zeros_like_layout(unused_segvol_parts(model.config.seg_config), like)

@@ -113,6 +113,7 @@ def cmd_instruct(args: argparse.Namespace) -> int:
         args.out,
         segmentation=not args.no_segmentation,
         seg_encoder_from_vision=not args.random_seg_encoder,
+        seg_state_norm=not args.raw_seg_states,
         max_steps=args.max_steps,
         resume=args.resume,
         **overrides,
@@ -194,6 +195,11 @@ def build_parser(prog: str = "python -m m3d_lite.train") -> argparse.ArgumentPar
         "--random-seg-encoder",
         action="store_true",
         help="start the seg image encoder from random weights, not from the vision tower",
+    )
+    p.add_argument(
+        "--raw-seg-states",
+        action="store_true",
+        help="feed the [SEG] states to the seg projector as they are (M3D), not standardised",
     )
     p.set_defaults(func=cmd_instruct)
     return parser

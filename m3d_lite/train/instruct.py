@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,27 @@ def instruction_data(
     return mix_datasets(tasks, weights, seed=seed)
 
 
+def seg_state_items(
+    data_dir: str | os.PathLike, tokenizer: Any, config: Any, count: int = 64, seed: int = 0
+) -> Iterator[dict[str, Any]]:
+    """``count`` training items whose answer holds ``[SEG]``, in equal parts from the seg tasks of
+    :func:`instruction_data` (by class, by description, referring), drawn with ``seed``, without
+    augmentation: what a fresh ``seg_state_norm`` is fitted on. ``config`` is the model's LaMedConfig."""
+    tasks = segmentation_datasets(
+        data_dir, "train", tokenizer, config.proj_out_num, config.model_max_length, seed, config.chat_template
+    )
+    rng = random.Random(seed)
+    for k, task in enumerate(tasks):
+        wanted = count * (k + 1) // len(tasks) - count * k // len(tasks)
+        for index in rng.sample(range(len(task)), len(task)):
+            if wanted == 0:
+                break
+            item = task[index]
+            if (item["input_ids"] == config.seg_token_id).any():
+                wanted -= 1
+                yield item
+
+
 def unfreeze_for_instruction(model: PeftModel) -> list[str]:
     """On top of the LoRA adapter (all that ``apply_lora`` leaves trainable), train the parts of
     :data:`FULLY_TRAINED` the model has and the input and output embeddings in full; return the names of
@@ -137,6 +159,7 @@ def train_instruct(
     augment: bool = True,
     segmentation: bool = True,
     seg_encoder_from_vision: bool = True,
+    seg_state_norm: bool = True,
     max_steps: int | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -154,7 +177,9 @@ def train_instruct(
     ``segmentation`` section; M3D adds its SegVol module at this stage too) and adds the seg tasks to the
     mix; ``False`` is M3D's HEAD, whose seg data is commented out. The fresh seg module's image encoder
     starts from the vision tower (the stage-0 CLIP encoder; M3D starts from SegVol's weights) unless
-    ``seg_encoder_from_vision=False``. The preset's ``module_learning_rates`` give the seg parts, trained
+    ``seg_encoder_from_vision=False``; ``seg_state_norm=True`` (not in M3D) standardises the ``[SEG]`` states
+    before the seg projector, with statistics measured on 64 seg items of the stage-1 model
+    (:func:`seg_state_items`). The preset's ``module_learning_rates`` give the seg parts, trained
     from scratch, a higher learning rate than the LLM's adapters. ``resume=True`` continues the run in
     ``out_dir``.
     """
@@ -166,7 +191,14 @@ def train_instruct(
     stage1 = str(Path(model.name_or_path).resolve())
     set_seed(cfg.seed)  # the seg module's initialisation and LoRA's A matrices
     if segmentation and model.seg_module is None:
-        model.add_seg_module(SegConfig.from_scale(scale), encoder_from_vision=seg_encoder_from_vision)
+        model.add_seg_module(
+            SegConfig.from_scale(scale),
+            encoder_from_vision=seg_encoder_from_vision,
+            state_norm=seg_state_norm,
+        )
+        if seg_state_norm:
+            items = seg_state_items(data_dir, tokenizer, model.config, seed=cfg.seed)
+            model.seg_state_norm.fit(model.seg_states(items, progress=progress))
     model = apply_lora(model, lora)
     unfreeze_for_instruction(model)
     config = model.config
@@ -192,6 +224,7 @@ def train_instruct(
         "augment": augment,
         "segmentation": segmentation,
         "seg_encoder_from_vision": seg_encoder_from_vision,
+        "seg_state_norm": seg_state_norm,
     }
     result = train(
         model,
