@@ -147,10 +147,11 @@ print("ours:         ", text.SEG_ANSWERS)
 # %% [markdown]
 # A second, smaller fix sits between the LLM and the projector. An LLM's last-layer states share a large
 # common part: a few dimensions are huge and the same for every question. A fresh `seg_projector` trained
-# on them turns every organ into nearly the same prompt (cosine 0.91 after 300 steps of
-# `benchmarks/seg_decoder.py --prompts seg`). Stage 2 therefore adds `seg_state_norm` (not in M3D): each
-# dimension of the `[SEG]` states is standardised with the mean and std measured once on 64 training
-# items of the stage-1 model. The same run then gives prompts of cosine 0.43 and a higher Dice.
+# on them turns every organ into nearly the same prompt (cosine 0.91 and test Dice 0.14 after 300 steps of
+# `benchmarks/seg_decoder.py --prompts seg` on the small stage-1 model). Stage 2 therefore adds
+# `seg_state_norm` (not in M3D): each dimension of the `[SEG]` states is standardised with the mean and
+# std measured once on 64 training items of the stage-1 model. The same run then gives prompts of cosine
+# 0.49 and Dice 0.20.
 # (`m3d-lite train instruct --raw-seg-states` trains without it, as M3D does.)
 
 # %% [markdown]

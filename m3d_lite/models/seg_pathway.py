@@ -11,9 +11,9 @@ generation never looks at (an answer that starts with ``[SEG]`` gets no mask the
 Added (not in M3D): :class:`StateStandardizer`, per-dimension standardisation of the ``[SEG]`` states
 before the projector, with statistics measured once on training data. The last-layer states of a small
 LLM share a large common part (a few dimensions of huge magnitude, the same for every question); a fresh
-projector trained from them maps every organ to nearly the same prompt (mean cosine 0.91 after 300 steps
-of ``benchmarks/seg_decoder.py --prompts seg``), while the standardised states give prompts that differ
-(cosine 0.43) and a higher Dice.
+projector trained from them maps every organ to nearly the same prompt: after 300 steps of
+``benchmarks/seg_decoder.py --prompts seg`` on the small stage-1 model, mean cosine 0.91 between organs and
+test Dice 0.14; with standardised states, cosine 0.49 and Dice 0.20.
 """
 
 from __future__ import annotations

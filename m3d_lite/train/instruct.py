@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from peft import PeftModel
 from torch.utils.data import Dataset
@@ -196,8 +197,9 @@ def train_instruct(
             encoder_from_vision=seg_encoder_from_vision,
             state_norm=seg_state_norm,
         )
-        if seg_state_norm:
+        if seg_state_norm:  # on the process's device: 64 forward passes of the LLM
             items = seg_state_items(data_dir, tokenizer, model.config, seed=cfg.seed)
+            model.to(PartialState().device)
             model.seg_state_norm.fit(model.seg_states(items, progress=progress))
     model = apply_lora(model, lora)
     unfreeze_for_instruction(model)
