@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
+import torch
 from accelerate.utils import set_seed
 from peft import PeftModel
 from torch.utils.data import Dataset
@@ -197,9 +197,12 @@ def train_instruct(
             encoder_from_vision=seg_encoder_from_vision,
             state_norm=seg_state_norm,
         )
-        if seg_state_norm:  # on the process's device: 64 forward passes of the LLM
+        if seg_state_norm:  # 64 forward passes of the LLM: on this process's GPU where there is one
             items = seg_state_items(data_dir, tokenizer, model.config, seed=cfg.seed)
-            model.to(PartialState().device)
+            # not PartialState().device: a PartialState made here, before the loop's Accelerator, broke
+            # notebook 07's 2-process CPU launch (its processes raced on the checkpoint folder)
+            if torch.cuda.is_available():
+                model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
             model.seg_state_norm.fit(model.seg_states(items, progress=progress))
     model = apply_lora(model, lora)
     unfreeze_for_instruction(model)
