@@ -39,7 +39,7 @@ from m3d_lite.config import TrainConfig
 from m3d_lite.data.datasets import InstructCollator, mix_datasets
 from m3d_lite.data.position import position_datasets
 from m3d_lite.data.seg_data import segmentation_datasets
-from m3d_lite.models.lamed import LaMedForCausalLM, load_lamed, split_overrides
+from m3d_lite.models.lamed import LaMedConfig, LaMedForCausalLM, load_lamed, split_overrides
 from m3d_lite.models.lora import (
     LoraSettings,
     apply_lora,
@@ -116,11 +116,11 @@ def instruction_data(
 
 
 def seg_state_items(
-    data_dir: str | os.PathLike, tokenizer: Any, config: Any, count: int = 64, seed: int = 0
+    data_dir: str | os.PathLike, tokenizer: Any, config: LaMedConfig, count: int = 64, seed: int = 0
 ) -> Iterator[dict[str, Any]]:
     """``count`` training items whose answer holds ``[SEG]``, in equal parts from the seg tasks of
     :func:`instruction_data` (by class, by description, referring), drawn with ``seed``, without
-    augmentation: what a fresh ``seg_state_norm`` is fitted on. ``config`` is the model's LaMedConfig."""
+    augmentation: what a fresh ``seg_state_norm`` is fitted on (``config``: the model's)."""
     tasks = segmentation_datasets(
         data_dir, "train", tokenizer, config.proj_out_num, config.model_max_length, seed, config.chat_template
     )
